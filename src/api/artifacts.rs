@@ -1,0 +1,257 @@
+//! `/opt`, `/fc/context` and `/fc/model`: the openFHIR-compatible artifact routes.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde_json::json;
+
+use super::{body, fc_format, require_xml, wants_yaml, ApiError, ApiResult, AppState, TenantId};
+use crate::domain::{FcDocument, FcFormat};
+use crate::store::{WriteMode, Written};
+
+fn status(w: Written) -> StatusCode {
+    match w {
+        Written::Created => StatusCode::CREATED,
+        Written::Replaced => StatusCode::OK,
+    }
+}
+
+fn xml_text(b: &Bytes) -> ApiResult<&str> {
+    std::str::from_utf8(b).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "OPT is not UTF-8",
+            vec![e.to_string()],
+        )
+    })
+}
+
+// ---- OPT ----
+
+pub async fn list_opts(State(node): State<AppState>, TenantId(t): TenantId) -> ApiResult<Response> {
+    Ok(Json(node.opts(&t).await?).into_response())
+}
+
+pub async fn create_opt(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    require_xml(&headers)?;
+    let b = body(b)?;
+    let (summary, w) = node
+        .put_opt(&t, xml_text(&b)?, None, WriteMode::Create)
+        .await?;
+    Ok((status(w), Json(summary)).into_response())
+}
+
+pub async fn put_opt(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    require_xml(&headers)?;
+    let b = body(b)?;
+    let (summary, w) = node
+        .put_opt(&t, xml_text(&b)?, Some(&id), WriteMode::Upsert)
+        .await?;
+    Ok((status(w), Json(summary)).into_response())
+}
+
+pub async fn get_opt(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let opt = node.opt(&t, &id).await?;
+    let wants_json = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/json"));
+    if wants_json {
+        return Ok(Json(&*opt).into_response());
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "application/xml")],
+        opt.content.to_string(),
+    )
+        .into_response())
+}
+
+pub async fn delete_opt(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.delete_opt(&t, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- FHIR Connect: shared response shapes ----
+
+/// One document: its JSON by default; with `Accept: ...yaml` the YAML as uploaded (or converted).
+fn document(doc: &FcDocument, headers: &HeaderMap) -> ApiResult<Response> {
+    if !wants_yaml(headers) {
+        return Ok(Json(&*doc.json).into_response());
+    }
+    let yaml = match doc.format {
+        FcFormat::Yaml => doc.content.to_string(),
+        FcFormat::Json => serde_norway::to_string(&*doc.json).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot render YAML",
+                vec![e.to_string()],
+            )
+        })?,
+    };
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
+}
+
+/// A list: metadata plus each document, as JSON or YAML.
+fn listing(docs: &[Arc<FcDocument>], headers: &HeaderMap) -> ApiResult<Response> {
+    let items: Vec<serde_json::Value> = docs
+        .iter()
+        .map(|d| {
+            let mut v = serde_json::to_value(&**d).unwrap_or_default();
+            v["document"] = (*d.json).clone();
+            v
+        })
+        .collect();
+    if wants_yaml(headers) {
+        let y = serde_norway::to_string(&items).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot render YAML",
+                vec![e.to_string()],
+            )
+        })?;
+        return Ok(([(header::CONTENT_TYPE, "application/yaml")], y).into_response());
+    }
+    Ok(Json(items).into_response())
+}
+
+fn written(doc: FcDocument, w: Written) -> Response {
+    (status(w), Json(json!(doc))).into_response()
+}
+
+// ---- contexts ----
+
+pub async fn list_contexts(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    listing(&node.contexts(&t).await?, &headers)
+}
+
+pub async fn create_context(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let fmt = fc_format(&headers)?;
+    let b = body(b)?;
+    let (doc, w) = node
+        .put_context(&t, &b, fmt, None, WriteMode::Create)
+        .await?;
+    Ok(written(doc, w))
+}
+
+pub async fn put_context(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let fmt = fc_format(&headers)?;
+    let b = body(b)?;
+    let (doc, w) = node
+        .put_context(&t, &b, fmt, Some(&id), WriteMode::Upsert)
+        .await?;
+    Ok(written(doc, w))
+}
+
+pub async fn get_context(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    document(&*node.context(&t, &id).await?, &headers)
+}
+
+pub async fn delete_context(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.delete_context(&t, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- models ----
+
+pub async fn list_models(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let docs: Vec<Arc<FcDocument>> = node.models(&t).await?.into_iter().map(Arc::new).collect();
+    listing(&docs, &headers)
+}
+
+pub async fn create_model(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let fmt = fc_format(&headers)?;
+    let b = body(b)?;
+    let (doc, w) = node.put_model(&t, &b, fmt, None, WriteMode::Create).await?;
+    Ok(written(doc, w))
+}
+
+pub async fn put_model(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let fmt = fc_format(&headers)?;
+    let b = body(b)?;
+    let (doc, w) = node
+        .put_model(&t, &b, fmt, Some(&name), WriteMode::Upsert)
+        .await?;
+    Ok(written(doc, w))
+}
+
+pub async fn get_model(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    document(&node.model(&t, &name).await?, &headers)
+}
+
+pub async fn delete_model(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    node.delete_model(&t, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

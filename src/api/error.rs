@@ -1,0 +1,80 @@
+//! The one place where library errors become HTTP responses.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::error::Error;
+
+/// An error answered as JSON `{error, details}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    details: Vec<String>,
+}
+
+impl ApiError {
+    /// An error with a status, a message and details.
+    pub fn new(status: StatusCode, error: impl Into<String>, details: Vec<String>) -> Self {
+        ApiError {
+            status,
+            error: error.into(),
+            details,
+        }
+    }
+
+    /// The status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let root = e.root();
+        let (status, error, details) = match root {
+            Error::Invalid { message, details } => {
+                (StatusCode::BAD_REQUEST, message.clone(), details.clone())
+            }
+            Error::NotFound { .. } => (StatusCode::NOT_FOUND, root.to_string(), vec![]),
+            Error::Conflict(m) => (StatusCode::CONFLICT, m.clone(), vec![]),
+            _ if root.is_unavailable() => {
+                // Log the cause; tell the client only that the database is unavailable.
+                tracing::warn!(error = %root, "request failed: database unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database unavailable; retry later".to_string(),
+                    vec![],
+                )
+            }
+            _ => {
+                tracing::error!(error = %root, "request failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error".to_string(),
+                    vec![],
+                )
+            }
+        };
+        ApiError {
+            status,
+            error,
+            details,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.error, "details": self.details })),
+        )
+            .into_response()
+    }
+}
+
+/// Result of a handler.
+pub type ApiResult<T> = std::result::Result<T, ApiError>;

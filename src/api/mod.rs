@@ -1,0 +1,230 @@
+//! The HTTP API (axum): openFHIR-compatible artifact routes, tenants and operations.
+
+mod artifacts;
+mod error;
+mod ops;
+mod tenants;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use subtle::ConstantTimeEq;
+
+pub use error::{ApiError, ApiResult};
+
+use crate::domain::{self, FcFormat};
+use crate::node::Node;
+
+/// Header naming the tenant of a request; absent means `default`.
+pub const TENANT_HEADER: &str = "x-tenant-id";
+
+/// The shared state of every handler.
+pub type AppState = Arc<Node>;
+
+/// The whole API with its limits (body size, request timeout) and authentication.
+pub fn router(node: Arc<Node>) -> Router {
+    let http = node.config().http.clone();
+    Router::new()
+        .route(
+            "/opt",
+            get(artifacts::list_opts).post(artifacts::create_opt),
+        )
+        .route(
+            "/opt/{template_id}",
+            get(artifacts::get_opt)
+                .put(artifacts::put_opt)
+                .delete(artifacts::delete_opt),
+        )
+        .route(
+            "/fc/context",
+            get(artifacts::list_contexts).post(artifacts::create_context),
+        )
+        .route(
+            "/fc/context/{template_id}",
+            get(artifacts::get_context)
+                .put(artifacts::put_context)
+                .delete(artifacts::delete_context),
+        )
+        .route(
+            "/fc/model",
+            get(artifacts::list_models).post(artifacts::create_model),
+        )
+        .route(
+            "/fc/model/{name}",
+            get(artifacts::get_model)
+                .put(artifacts::put_model)
+                .delete(artifacts::delete_model),
+        )
+        .route("/tenants", get(tenants::list))
+        .route(
+            "/tenants/{id}",
+            get(tenants::get).put(tenants::put).delete(tenants::delete),
+        )
+        .route("/caches", get(ops::caches))
+        .route("/caches/evict", post(ops::evict))
+        .route("/metrics", get(ops::metrics))
+        .route("/health", get(ops::ready))
+        .route("/health/live", get(ops::live))
+        .route("/health/ready", get(ops::ready))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", vec![]) })
+        .layer(middleware::from_fn_with_state(node.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(http.request_timeout_secs),
+        ))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(node)
+}
+
+/// Requires `Authorization: Bearer <OPENFHIR_API_TOKEN>` on every route but `/health*`.
+async fn authenticate(State(node): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(token) = &node.config().http.api_token else {
+        return next.run(req).await;
+    };
+    if req.uri().path().starts_with("/health") {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    // Constant-time comparison: the time taken does not reveal how much of the token matched.
+    if bool::from(given.ct_eq(token.expose().as_bytes())) {
+        next.run(req).await
+    } else {
+        let mut r = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+            vec!["send Authorization: Bearer <OPENFHIR_API_TOKEN>".into()],
+        )
+        .into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        r
+    }
+}
+
+/// The request's tenant, checked to exist.
+pub struct TenantId(pub String);
+
+impl FromRequestParts<AppState> for TenantId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &AppState) -> Result<Self, ApiError> {
+        let id = match parts.headers.get(TENANT_HEADER) {
+            None => domain::DEFAULT_TENANT.to_string(),
+            Some(v) => v
+                .to_str()
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "invalid X-Tenant-Id header",
+                        vec![],
+                    )
+                })?
+                .trim()
+                .to_string(),
+        };
+        node.tenant(&id).await?;
+        Ok(TenantId(id))
+    }
+}
+
+/// The body, or the reason it could not be read (413 when over the limit), as JSON.
+fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    b.map_err(|r| {
+        let status = r.status();
+        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "request body too large (limit: OPENFHIR_MAX_BODY_BYTES)".to_string()
+        } else {
+            "could not read the request body".to_string()
+        };
+        ApiError::new(status, msg, vec![r.body_text()])
+    })
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers.get(header::CONTENT_TYPE).map(|v| {
+        v.to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    })
+}
+
+fn unsupported(got: &str, accepted: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!("unsupported content type '{got}'"),
+        vec![format!("send one of: {accepted}")],
+    )
+}
+
+/// OPT uploads are XML.
+fn require_xml(headers: &HeaderMap) -> ApiResult<()> {
+    match content_type(headers).as_deref() {
+        None | Some("application/xml" | "text/xml" | "text/plain" | "application/octet-stream") => {
+            Ok(())
+        }
+        Some(ct) if ct.starts_with("application/") && ct.ends_with("+xml") => Ok(()),
+        Some(ct) => Err(unsupported(ct, "application/xml, text/xml")),
+    }
+}
+
+/// FHIR Connect uploads are YAML or JSON.
+fn fc_format(headers: &HeaderMap) -> ApiResult<FcFormat> {
+    match content_type(headers).as_deref() {
+        None
+        | Some(
+            "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml" | "text/plain",
+        ) => Ok(FcFormat::Yaml),
+        Some("application/json") => Ok(FcFormat::Json),
+        Some(ct) => Err(unsupported(
+            ct,
+            "application/yaml, application/x-yaml, text/yaml, application/json",
+        )),
+    }
+}
+
+/// Tenant and JSON bodies are JSON.
+fn require_json(headers: &HeaderMap) -> ApiResult<()> {
+    match content_type(headers).as_deref() {
+        None | Some("application/json") => Ok(()),
+        Some(ct) => Err(unsupported(ct, "application/json")),
+    }
+}
+
+/// True when the client asked for YAML (`Accept: application/yaml`, ...).
+fn wants_yaml(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("yaml"))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(headers: &HeaderMap, b: &[u8]) -> ApiResult<T> {
+    require_json(headers)?;
+    serde_json::from_slice(b).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed JSON body",
+            vec![e.to_string()],
+        )
+    })
+}

@@ -1,0 +1,169 @@
+//! Operations: cache statistics and eviction, health, metrics.
+
+use std::fmt::Write;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{body, parse_json, ApiError, ApiResult, AppState};
+use crate::cache::{Change, Group};
+use crate::domain;
+
+pub async fn caches(State(node): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "caches": node.caches().report().await }))
+}
+
+/// Body of `POST /caches/evict`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictBody {
+    /// `opt`, `fhir_connect`, `tenant`, or `all` / absent for every group.
+    group: Option<String>,
+    /// Narrow to one tenant.
+    tenant: Option<String>,
+    /// Narrow to one key of the tenant (a template id; normalized).
+    key: Option<String>,
+}
+
+pub async fn evict(
+    State(node): State<AppState>,
+    headers: HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let b = body(b)?;
+    let req: EvictBody = if b.is_empty() {
+        EvictBody {
+            group: None,
+            tenant: None,
+            key: None,
+        }
+    } else {
+        parse_json(&headers, &b)?
+    };
+    let bad =
+        |d: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid eviction request", vec![d]);
+    let group = match req.group.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("all") => None,
+        Some("opt") => Some(Group::Opt),
+        Some("fhir_connect") => Some(Group::FhirConnect),
+        Some("tenant") => Some(Group::Tenant),
+        Some(other) => {
+            return Err(bad(format!(
+                "group {other:?}: expected opt, fhir_connect, tenant or all"
+            )))
+        }
+    };
+    if let Some(t) = &req.tenant {
+        domain::validate_tenant_id(t)?;
+    }
+    if req.key.is_some() && req.tenant.is_none() {
+        return Err(bad("key needs tenant".into()));
+    }
+    let change = Change::Evict {
+        group,
+        tenant: req.tenant,
+        key: req.key.as_deref().map(domain::normalize_template_id),
+    };
+    let n = node.apply(&change).await;
+    Ok(Json(json!({ "evicted": n, "change": change })).into_response())
+}
+
+pub async fn live() -> Json<serde_json::Value> {
+    Json(json!({ "status": "live" }))
+}
+
+pub async fn ready(State(node): State<AppState>) -> Response {
+    match node.db().readiness().await {
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(Err(reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "error": reason })),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "status": "not ready", "error": "database unreachable" })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Prometheus text exposition format.
+pub async fn metrics(State(node): State<AppState>) -> Response {
+    let report = node.caches().report().await;
+    let mut out = String::new();
+    let series: [(&str, &str, &str, fn(&crate::cache::StatsSnapshot) -> u64); 7] = [
+        ("openfhir_cache_entries", "gauge", "Entries held.", |s| {
+            s.entries
+        }),
+        (
+            "openfhir_cache_hits_total",
+            "counter",
+            "Reads answered from memory.",
+            |s| s.hits,
+        ),
+        (
+            "openfhir_cache_misses_total",
+            "counter",
+            "Reads that needed a load.",
+            |s| s.misses,
+        ),
+        (
+            "openfhir_cache_loads_total",
+            "counter",
+            "Database loads run.",
+            |s| s.loads,
+        ),
+        (
+            "openfhir_cache_load_failures_total",
+            "counter",
+            "Loads that failed.",
+            |s| s.load_failures,
+        ),
+        (
+            "openfhir_cache_evictions_total",
+            "counter",
+            "Explicit evictions.",
+            |s| s.evictions,
+        ),
+        (
+            "openfhir_cache_expirations_total",
+            "counter",
+            "Entries expired by TTL.",
+            |s| s.expirations,
+        ),
+    ];
+    for (name, kind, help, f) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for r in &report {
+            let _ = writeln!(
+                out,
+                "{name}{{cache=\"{}\"}} {}",
+                r.cache.as_str(),
+                f(&r.stats)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP openfhir_cache_ttl_seconds Configured TTL (-1 infinite, 0 disabled).\n# TYPE openfhir_cache_ttl_seconds gauge");
+    for r in &report {
+        let _ = writeln!(
+            out,
+            "openfhir_cache_ttl_seconds{{cache=\"{}\"}} {}",
+            r.cache.as_str(),
+            r.ttl
+        );
+    }
+    let (size, idle) = node.db().pool_status();
+    let _ = writeln!(out, "# HELP openfhir_db_pool_connections Pooled database connections.\n# TYPE openfhir_db_pool_connections gauge");
+    let _ = writeln!(out, "openfhir_db_pool_connections{{state=\"open\"}} {size}\nopenfhir_db_pool_connections{{state=\"idle\"}} {idle}");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,158 @@
+//! Build a node, run its tasks, shut down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::{describe, Config};
+use crate::error::{Error, Result};
+use crate::node::Node;
+
+/// Options of `serve`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// Skip applying pending migrations at startup (`--no-migrate`).
+    pub no_migrate: bool,
+}
+
+/// A running node: its HTTP address, its store, and the handle that stops it.
+#[must_use = "dropping a Running node leaves its server task running until the runtime ends"]
+pub struct Running {
+    /// The address the HTTP API is bound to (useful with port 0).
+    pub addr: SocketAddr,
+    /// The node's cached store.
+    pub node: Arc<Node>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops accepting, finishes in-flight requests, closes the pool.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let r = (&mut self.server).await;
+        self.node.db().close();
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::Bind {
+                addr: self.addr,
+                source: e,
+            }),
+            Err(e) => Err(Error::Bind {
+                addr: self.addr,
+                source: std::io::Error::other(e),
+            }),
+        }
+    }
+
+    /// Waits until the server ends by itself (it only does on error) or `signal` fires, then shuts down.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            _ = signal => tracing::info!("shutdown requested; finishing in-flight requests"),
+            r = &mut self.server => {
+                tracing::error!(result = ?r, "HTTP server stopped unexpectedly");
+            }
+        }
+        self.shutdown().await
+    }
+}
+
+/// Connects to the database (failing fast with a clear message), migrates unless told not to,
+/// binds the HTTP API and starts serving.
+pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
+    let node = Arc::new(Node::new(config)?);
+    let cfg = node.config().clone();
+    if let Err(e) = node.db().check().await {
+        return Err(unreachable(&cfg, &e));
+    }
+    if !opts.no_migrate {
+        let applied = node.db().migrate().await?;
+        if applied.is_empty() {
+            tracing::info!("schema up to date");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(cfg.http.addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: cfg.http.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.http.addr,
+        source,
+    })?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = crate::api::router(node.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(
+        http = %addr,
+        database = %cfg.database.url,
+        config = ?describe(&cfg),
+        "openfhir-cache node started"
+    );
+    if cfg.http.api_token.is_none() {
+        tracing::warn!(
+            "OPENFHIR_API_TOKEN is not set: the HTTP API accepts unauthenticated requests"
+        );
+    }
+    Ok(Running {
+        addr,
+        node,
+        stop: Some(stop),
+        server,
+    })
+}
+
+fn unreachable(cfg: &Config, e: &Error) -> Error {
+    let default = crate::config::VARS
+        .iter()
+        .find(|v| v.env == "DATABASE_URL")
+        .is_some_and(|v| v.default == cfg.database.url.expose());
+    let hint = if default {
+        "No DATABASE_URL is set and nothing answers at the default address: start PostgreSQL there \
+         (e.g. `pg_ctlcluster 15 main start`) or set DATABASE_URL=postgres://user:password@host:5432/db"
+    } else {
+        "Check that PostgreSQL runs there and DATABASE_URL is right"
+    };
+    let cause = match e.root() {
+        Error::Pool(p) => match std::error::Error::source(p) {
+            Some(s) => s.to_string(),
+            None => p.to_string(),
+        },
+        other => other.to_string(),
+    };
+    Error::DatabaseUnreachable {
+        url: cfg.database.url.masked(),
+        cause,
+        hint: hint.to_string(),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,374 @@
+//! The cache groups and the one rule that says what a change evicts.
+//!
+//! * OPT group: `opt` (`tenant:templateId` -> parsed template).
+//! * FHIR Connect group: `context` (`tenant:templateId`) and `all_contexts` (`tenant`), one TTL.
+//! * Tenant group: `tenant` (`tenantId` -> tenant record).
+//!
+//! Every invalidation, whatever delivered it (the local write path, a peer, NOTIFY, catch-up or an
+//! operator's `POST /caches/evict`), goes through [`Caches::apply`], which asks [`targets`].
+
+mod versioned;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use versioned::{cache_key, StatsSnapshot, VersionedCache};
+
+use crate::config::CacheConfig;
+use crate::domain::{FcDocument, OptDocument, Tenant};
+
+/// A cache group: the unit of TTL configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Group {
+    /// OPT templates.
+    Opt,
+    /// FHIR Connect contexts (and, later, mapper indexes and helpers).
+    FhirConnect,
+    /// Tenant records.
+    Tenant,
+}
+
+/// One cache inside a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CacheName {
+    /// `tenant:templateId` -> OPT.
+    Opt,
+    /// `tenant:templateId` -> FHIR Connect context.
+    Context,
+    /// `tenant` -> every context of the tenant.
+    AllContexts,
+    /// `tenant` -> tenant record.
+    Tenant,
+}
+
+impl CacheName {
+    /// Every cache, in display order.
+    pub const ALL: [CacheName; 4] = [
+        CacheName::Opt,
+        CacheName::Context,
+        CacheName::AllContexts,
+        CacheName::Tenant,
+    ];
+
+    /// The group whose TTL this cache uses.
+    pub fn group(self) -> Group {
+        match self {
+            CacheName::Opt => Group::Opt,
+            CacheName::Context | CacheName::AllContexts => Group::FhirConnect,
+            CacheName::Tenant => Group::Tenant,
+        }
+    }
+
+    /// True for caches keyed by tenant alone.
+    pub fn keyed_by_tenant(self) -> bool {
+        matches!(self, CacheName::AllContexts | CacheName::Tenant)
+    }
+
+    /// The name used in `/caches` and `/metrics`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheName::Opt => "opt",
+            CacheName::Context => "context",
+            CacheName::AllContexts => "all_contexts",
+            CacheName::Tenant => "tenant",
+        }
+    }
+}
+
+/// Something that changed in the source of truth, as every channel describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Change {
+    /// An OPT was created, replaced or deleted.
+    Opt {
+        /// Tenant id.
+        tenant: String,
+        /// Normalized template id.
+        template_id: String,
+    },
+    /// A FHIR Connect context was created, replaced or deleted.
+    Context {
+        /// Tenant id.
+        tenant: String,
+        /// Normalized template id.
+        template_id: String,
+    },
+    /// A FHIR Connect model or extension was created, replaced or deleted.
+    Model {
+        /// Tenant id.
+        tenant: String,
+        /// The model's `metadata.name`.
+        name: String,
+    },
+    /// A tenant record was created or updated (`deleted: false`) or deleted with everything it owned.
+    Tenant {
+        /// Tenant id.
+        tenant: String,
+        /// True when the tenant and its artifacts are gone.
+        deleted: bool,
+    },
+    /// An explicit eviction: a group (or all groups), optionally narrowed to a tenant and a key.
+    Evict {
+        /// `None`: every group.
+        group: Option<Group>,
+        /// `None`: every tenant.
+        tenant: Option<String>,
+        /// `None`: every key of the tenant. Needs `tenant`.
+        key: Option<String>,
+    },
+}
+
+/// What one cache must drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One key: `tenant:id`, or `tenant` for tenant-keyed caches (`id: None`).
+    Key {
+        /// Tenant id.
+        tenant: String,
+        /// The id within the tenant, absent for tenant-keyed caches.
+        id: Option<String>,
+    },
+    /// Every entry of a tenant.
+    Tenant(String),
+    /// Everything.
+    All,
+}
+
+/// THE eviction rule: which entries of which caches a change invalidates.
+///
+/// * OPT -> `opt` of that key.
+/// * context -> `context` of that key and `all_contexts` of the tenant.
+/// * model -> nothing cached yet depends on a model alone; the mapper and helper caches of the
+///   tenant will (compiled-artifacts issue).
+/// * tenant -> the tenant record; deleted: every entry of the tenant in every cache.
+pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
+    let key = |t: &str, id: &str| Scope::Key {
+        tenant: t.to_string(),
+        id: Some(id.to_string()),
+    };
+    let tenant_key = |t: &str| Scope::Key {
+        tenant: t.to_string(),
+        id: None,
+    };
+    match change {
+        Change::Opt {
+            tenant,
+            template_id,
+        } => vec![(CacheName::Opt, key(tenant, template_id))],
+        Change::Context {
+            tenant,
+            template_id,
+        } => vec![
+            (CacheName::Context, key(tenant, template_id)),
+            (CacheName::AllContexts, tenant_key(tenant)),
+        ],
+        Change::Model { .. } => vec![],
+        Change::Tenant {
+            tenant,
+            deleted: false,
+        } => vec![(CacheName::Tenant, tenant_key(tenant))],
+        Change::Tenant {
+            tenant,
+            deleted: true,
+        } => CacheName::ALL
+            .iter()
+            .map(|&c| (c, Scope::Tenant(tenant.clone())))
+            .collect(),
+        Change::Evict {
+            group,
+            tenant,
+            key: k,
+        } => CacheName::ALL
+            .iter()
+            .filter(|c| group.is_none_or(|g| c.group() == g))
+            .map(|&c| {
+                let scope = match (tenant, k) {
+                    (None, _) => Scope::All,
+                    (Some(t), _) if c.keyed_by_tenant() => tenant_key(t),
+                    (Some(t), Some(k)) => key(t, k),
+                    (Some(t), None) => Scope::Tenant(t.clone()),
+                };
+                (c, scope)
+            })
+            .collect(),
+    }
+}
+
+/// Every cache of the node.
+pub struct Caches {
+    /// `tenant:templateId` -> OPT.
+    pub opt: VersionedCache<OptDocument>,
+    /// `tenant:templateId` -> context.
+    pub context: VersionedCache<FcDocument>,
+    /// `tenant` -> all of the tenant's contexts.
+    pub all_contexts: VersionedCache<Vec<Arc<FcDocument>>>,
+    /// `tenant` -> tenant record.
+    pub tenant: VersionedCache<Tenant>,
+}
+
+/// One row of `GET /caches`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheReport {
+    /// Cache name.
+    pub cache: CacheName,
+    /// Its group.
+    pub group: Group,
+    /// TTL as configured (-1, 0 or seconds).
+    pub ttl: i64,
+    /// Counters.
+    #[serde(flatten)]
+    pub stats: StatsSnapshot,
+}
+
+impl Caches {
+    /// Builds every cache with its group's TTL.
+    pub fn new(cfg: &CacheConfig) -> Self {
+        Caches {
+            opt: VersionedCache::new("opt", cfg.opt_ttl),
+            context: VersionedCache::new("context", cfg.fhir_connect_ttl),
+            all_contexts: VersionedCache::new("all_contexts", cfg.fhir_connect_ttl),
+            tenant: VersionedCache::new("tenant", cfg.tenant_ttl),
+        }
+    }
+
+    /// Applies a change through [`targets`]; returns how many (cache, scope) pairs it evicted.
+    pub async fn apply(&self, change: &Change) -> usize {
+        let t = targets(change);
+        for (cache, scope) in &t {
+            match cache {
+                CacheName::Opt => evict(&self.opt, scope).await,
+                CacheName::Context => evict(&self.context, scope).await,
+                CacheName::AllContexts => evict(&self.all_contexts, scope).await,
+                CacheName::Tenant => evict(&self.tenant, scope).await,
+            }
+        }
+        t.len()
+    }
+
+    /// Statistics of every cache.
+    pub async fn report(&self) -> Vec<CacheReport> {
+        let mut out = Vec::with_capacity(CacheName::ALL.len());
+        for cache in CacheName::ALL {
+            let (ttl, stats) = match cache {
+                CacheName::Opt => (self.opt.ttl(), self.opt.stats().await),
+                CacheName::Context => (self.context.ttl(), self.context.stats().await),
+                CacheName::AllContexts => {
+                    (self.all_contexts.ttl(), self.all_contexts.stats().await)
+                }
+                CacheName::Tenant => (self.tenant.ttl(), self.tenant.stats().await),
+            };
+            out.push(CacheReport {
+                cache,
+                group: cache.group(),
+                ttl: ttl.as_i64(),
+                stats,
+            });
+        }
+        out
+    }
+}
+
+async fn evict<V: Send + Sync + 'static>(c: &VersionedCache<V>, scope: &Scope) {
+    match scope {
+        Scope::Key { tenant, id } => c.evict_key(tenant, id.as_deref()).await,
+        Scope::Tenant(t) => c.evict_tenant(t).await,
+        Scope::All => c.evict_all().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule() {
+        let opt = Change::Opt {
+            tenant: "a".into(),
+            template_id: "t".into(),
+        };
+        assert_eq!(
+            targets(&opt),
+            vec![(
+                CacheName::Opt,
+                Scope::Key {
+                    tenant: "a".into(),
+                    id: Some("t".into())
+                }
+            )]
+        );
+        let ctx = Change::Context {
+            tenant: "a".into(),
+            template_id: "t".into(),
+        };
+        assert_eq!(
+            targets(&ctx),
+            vec![
+                (
+                    CacheName::Context,
+                    Scope::Key {
+                        tenant: "a".into(),
+                        id: Some("t".into())
+                    }
+                ),
+                (
+                    CacheName::AllContexts,
+                    Scope::Key {
+                        tenant: "a".into(),
+                        id: None
+                    }
+                ),
+            ]
+        );
+        let del = Change::Tenant {
+            tenant: "a".into(),
+            deleted: true,
+        };
+        assert_eq!(targets(&del).len(), CacheName::ALL.len());
+        assert!(targets(&del)
+            .iter()
+            .all(|(_, s)| *s == Scope::Tenant("a".into())));
+        let upd = Change::Tenant {
+            tenant: "a".into(),
+            deleted: false,
+        };
+        assert_eq!(
+            targets(&upd),
+            vec![(
+                CacheName::Tenant,
+                Scope::Key {
+                    tenant: "a".into(),
+                    id: None
+                }
+            )]
+        );
+        let fc = Change::Evict {
+            group: Some(Group::FhirConnect),
+            tenant: Some("a".into()),
+            key: Some("t".into()),
+        };
+        assert_eq!(targets(&fc), targets(&ctx));
+        let all = Change::Evict {
+            group: None,
+            tenant: None,
+            key: None,
+        };
+        assert!(targets(&all).iter().all(|(_, s)| *s == Scope::All));
+        assert_eq!(targets(&all).len(), CacheName::ALL.len());
+    }
+
+    #[test]
+    fn changes_round_trip_as_json() {
+        let c = Change::Model {
+            tenant: "a".into(),
+            name: "OBSERVATION.height.v2".into(),
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Change>(&s).unwrap(), c);
+    }
+}

@@ -1,0 +1,128 @@
+//! The library's error type.
+
+use std::sync::Arc;
+
+/// Everything that can go wrong inside the library.
+///
+/// HTTP status mapping lives in one place (`api::error`); this type only says *what* happened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid (names the variable or file key and the value).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+
+    /// The database could not be reached or a query failed.
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+
+    /// No connection could be taken from the pool.
+    #[error("database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+
+    /// Applying the schema migrations failed.
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        /// Migration version number.
+        version: i32,
+        /// Migration file name.
+        name: String,
+        /// The underlying database error.
+        source: tokio_postgres::Error,
+    },
+
+    /// An uploaded document is malformed or lacks a required field.
+    #[error("{message}")]
+    Invalid {
+        /// One-line summary.
+        message: String,
+        /// Every problem found, each naming the offending field or position.
+        details: Vec<String>,
+    },
+
+    /// The named thing does not exist.
+    #[error("{what} '{id}' not found")]
+    NotFound {
+        /// Kind of thing (`tenant`, `OPT`, `context`, `model`).
+        what: &'static str,
+        /// Its id.
+        id: String,
+    },
+
+    /// The thing already exists (POST of an existing id) or the change is not allowed.
+    #[error("{0}")]
+    Conflict(String),
+
+    /// A stored row could not be decoded (corrupt or hand-edited data).
+    #[error("stored {what} '{id}' is unreadable: {reason}")]
+    CorruptRow {
+        /// Kind of row.
+        what: &'static str,
+        /// Its key.
+        id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The database does not answer at startup.
+    #[error("cannot reach the database at {url}: {cause}. {hint}")]
+    DatabaseUnreachable {
+        /// The URL, password masked.
+        url: String,
+        /// What the driver said.
+        cause: String,
+        /// How to fix it.
+        hint: String,
+    },
+
+    /// The HTTP address could not be bound.
+    #[error("cannot listen on {addr}: {source} (set OPENFHIR_HTTP_ADDR to a free address)")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+
+    /// A cache load failed; the same failure is shared by every caller that waited on it.
+    #[error(transparent)]
+    Shared(Arc<Error>),
+}
+
+impl Error {
+    /// Builds an [`Error::Invalid`] with a single detail.
+    pub fn invalid(message: impl Into<String>, detail: impl Into<String>) -> Self {
+        Error::Invalid {
+            message: message.into(),
+            details: vec![detail.into()],
+        }
+    }
+
+    /// The error behind any number of [`Error::Shared`] wrappers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Shared(inner) => inner.root(),
+            other => other,
+        }
+    }
+
+    /// True when retrying later may succeed (database or pool trouble), i.e. HTTP 503.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self.root(),
+            Error::Db(_)
+                | Error::Pool(_)
+                | Error::Migration { .. }
+                | Error::DatabaseUnreachable { .. }
+        )
+    }
+}
+
+impl From<Arc<Error>> for Error {
+    fn from(e: Arc<Error>) -> Self {
+        Error::Shared(e)
+    }
+}
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

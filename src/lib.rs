@@ -1,0 +1,33 @@
+//! # openfhir-cache
+//!
+//! Coherent in-memory caches of openFHIR artifacts (OPT templates, FHIR Connect contexts and
+//! models, tenant records), with PostgreSQL as the source of truth.
+//!
+//! ## The coherence model, in short
+//! * Reads go through per-group caches ([`cache`]) whose TTL comes from the environment
+//!   (`0` disabled, `-1` infinite, `N` seconds expire-after-write). Concurrent misses on one key
+//!   load once.
+//! * Writes go to PostgreSQL ([`store`]); only after COMMIT is the change applied to the caches,
+//!   through one rule ([`cache::targets`]) that every invalidation channel shares.
+//! * An eviction that races with an in-flight load of the same key wins: entries carry the
+//!   generation they were loaded under, and an entry older than the key's current generation is
+//!   never served ([`cache::VersionedCache`]).
+//!
+//! ## Embedding
+//! Build a [`node::Node`] from a [`config::Config`] and call its read and write methods; or run
+//! the whole HTTP node with [`app::start`].
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod node;
+pub mod store;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use node::Node;

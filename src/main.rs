@@ -1,0 +1,82 @@
+//! The `openfhir-cache` binary: parse the command line, call into the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use openfhir_cache::cli::{Cli, Command};
+use openfhir_cache::config::{Config, LogFormat, Sources};
+use openfhir_cache::{app, store::Db};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&Sources {
+        file: cli.config.clone(),
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Config = cli.command {
+        match serde_json::to_string_pretty(&config.to_json()) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(config.log.format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { no_migrate } => {
+            let running = app::start(config, app::ServeOptions { no_migrate }).await?;
+            running.run_until(app::shutdown_signal()).await?;
+            tracing::info!("stopped");
+        }
+        Command::Migrate => {
+            let db = Db::new(&config.database)?;
+            db.check()
+                .await
+                .with_context(|| format!("cannot reach the database at {}", config.database.url))?;
+            let applied = db.migrate().await?;
+            println!(
+                "applied migrations: {applied:?} (schema version {})",
+                openfhir_cache::store::migrate::latest_version()
+            );
+        }
+        Command::Config => unreachable!("handled before the runtime starts"),
+    }
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,319 @@
+//! The cached store: what a node (or an embedding Rust program) reads and writes.
+//!
+//! Reads go through the caches; writes go to PostgreSQL, and only after COMMIT is the change
+//! handed to [`Node::apply`], the single entry point for invalidation.
+
+use std::sync::Arc;
+
+use crate::cache::{Caches, Change};
+use crate::config::Config;
+use crate::domain::{
+    self, normalize_template_id, parse_fc, parse_opt, FcDocument, FcFormat, FcKind, OptDocument,
+    Tenant,
+};
+use crate::error::{Error, Result};
+use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
+
+/// One node's cached view of the store.
+pub struct Node {
+    config: Config,
+    db: Db,
+    caches: Caches,
+}
+
+impl Node {
+    /// Builds a node from its configuration. No connection is made yet.
+    pub fn new(config: Config) -> Result<Node> {
+        let db = Db::new(&config.database)?;
+        let caches = Caches::new(&config.cache);
+        Ok(Node { config, db, caches })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The database.
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The caches (statistics, explicit eviction).
+    pub fn caches(&self) -> &Caches {
+        &self.caches
+    }
+
+    /// Applies a change to this node's caches through the one eviction rule. Every channel that
+    /// learns of a change calls this.
+    pub async fn apply(&self, change: &Change) -> usize {
+        let n = self.caches.apply(change).await;
+        tracing::debug!(?change, targets = n, "evicted");
+        n
+    }
+
+    /// Runs after a write committed: evicts locally.
+    async fn committed(&self, change: Change) {
+        self.apply(&change).await;
+    }
+
+    // ---- tenants ----
+
+    /// A tenant record (cached); `NotFound` if it does not exist.
+    pub async fn tenant(&self, id: &str) -> Result<Arc<Tenant>> {
+        domain::validate_tenant_id(id)?;
+        self.caches
+            .tenant
+            .get_or_load(id, None, || async {
+                self.db
+                    .tenant(id)
+                    .await?
+                    .ok_or_else(|| not_found("tenant", id))
+            })
+            .await
+    }
+
+    /// Every tenant (from the database).
+    pub async fn tenants(&self) -> Result<Vec<Tenant>> {
+        self.db.tenants().await
+    }
+
+    /// Creates or updates a tenant.
+    pub async fn put_tenant(
+        &self,
+        id: &str,
+        name: &str,
+        config: &serde_json::Value,
+    ) -> Result<(Tenant, Written)> {
+        domain::validate_tenant_id(id)?;
+        let r = self.db.put_tenant(id, name, config).await?;
+        self.committed(Change::Tenant {
+            tenant: id.to_string(),
+            deleted: false,
+        })
+        .await;
+        Ok(r)
+    }
+
+    /// Deletes a tenant and everything it owns. The `default` tenant cannot be deleted.
+    pub async fn delete_tenant(&self, id: &str) -> Result<()> {
+        domain::validate_tenant_id(id)?;
+        if id == domain::DEFAULT_TENANT {
+            return Err(Error::Conflict(
+                "the default tenant cannot be deleted (zero-config nodes serve it)".into(),
+            ));
+        }
+        if !self.db.delete_tenant(id).await? {
+            return Err(not_found("tenant", id));
+        }
+        self.committed(Change::Tenant {
+            tenant: id.to_string(),
+            deleted: true,
+        })
+        .await;
+        Ok(())
+    }
+
+    // ---- OPT ----
+
+    /// An OPT (cached). `template_id` is normalized here.
+    pub async fn opt(&self, tenant: &str, template_id: &str) -> Result<Arc<OptDocument>> {
+        let id = normalize_template_id(template_id);
+        self.caches
+            .opt
+            .get_or_load(tenant, Some(&id), || async {
+                self.db
+                    .opt(tenant, &id)
+                    .await?
+                    .ok_or_else(|| not_found("OPT", &id))
+            })
+            .await
+    }
+
+    /// Metadata of every OPT of the tenant.
+    pub async fn opts(&self, tenant: &str) -> Result<Vec<OptSummary>> {
+        self.db.opts(tenant).await
+    }
+
+    /// Stores an OPT. With `path_id` (PUT) the XML's template id must match it.
+    pub async fn put_opt(
+        &self,
+        tenant: &str,
+        xml: &str,
+        path_id: Option<&str>,
+        mode: WriteMode,
+    ) -> Result<(OptSummary, Written)> {
+        let t = parse_opt(xml)?;
+        check_path_id(
+            path_id.map(normalize_template_id).as_deref(),
+            &t.normalized_id,
+            "the OPT's template_id",
+        )?;
+        let r = self.db.put_opt(tenant, &t, xml, mode).await?;
+        self.committed(Change::Opt {
+            tenant: tenant.to_string(),
+            template_id: t.normalized_id,
+        })
+        .await;
+        Ok(r)
+    }
+
+    /// Deletes an OPT.
+    pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<()> {
+        let id = normalize_template_id(template_id);
+        if !self.db.delete_opt(tenant, &id).await? {
+            return Err(not_found("OPT", &id));
+        }
+        self.committed(Change::Opt {
+            tenant: tenant.to_string(),
+            template_id: id,
+        })
+        .await;
+        Ok(())
+    }
+
+    // ---- FHIR Connect contexts ----
+
+    /// A context (cached), by template id (normalized here).
+    pub async fn context(&self, tenant: &str, template_id: &str) -> Result<Arc<FcDocument>> {
+        let id = normalize_template_id(template_id);
+        self.caches
+            .context
+            .get_or_load(tenant, Some(&id), || async {
+                self.db
+                    .fc(FcTable::Context, tenant, &id)
+                    .await?
+                    .ok_or_else(|| not_found("context", &id))
+            })
+            .await
+    }
+
+    /// Every context of the tenant (cached as one entry).
+    pub async fn contexts(&self, tenant: &str) -> Result<Arc<Vec<Arc<FcDocument>>>> {
+        self.caches
+            .all_contexts
+            .get_or_load(tenant, None, || async {
+                Ok(self
+                    .db
+                    .fcs(FcTable::Context, tenant)
+                    .await?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect())
+            })
+            .await
+    }
+
+    /// Stores a context. With `path_id` (PUT) its `context.template.id` must match it.
+    pub async fn put_context(
+        &self,
+        tenant: &str,
+        body: &[u8],
+        format: FcFormat,
+        path_id: Option<&str>,
+        mode: WriteMode,
+    ) -> Result<(FcDocument, Written)> {
+        let doc = parse_fc(body, format, FcKind::Context)?;
+        check_path_id(
+            path_id.map(normalize_template_id).as_deref(),
+            &doc.key,
+            "context.template.id",
+        )?;
+        let r = self
+            .db
+            .put_fc(FcTable::Context, tenant, &doc, utf8(body)?, format, mode)
+            .await?;
+        self.committed(Change::Context {
+            tenant: tenant.to_string(),
+            template_id: doc.key,
+        })
+        .await;
+        Ok(r)
+    }
+
+    /// Deletes a context.
+    pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<()> {
+        let id = normalize_template_id(template_id);
+        if !self.db.delete_fc(FcTable::Context, tenant, &id).await? {
+            return Err(not_found("context", &id));
+        }
+        self.committed(Change::Context {
+            tenant: tenant.to_string(),
+            template_id: id,
+        })
+        .await;
+        Ok(())
+    }
+
+    // ---- FHIR Connect models ----
+
+    /// A model or extension, by name (read from the database; compiled artifacts are cached).
+    pub async fn model(&self, tenant: &str, name: &str) -> Result<FcDocument> {
+        self.db
+            .fc(FcTable::Model, tenant, name)
+            .await?
+            .ok_or_else(|| not_found("model", name))
+    }
+
+    /// Every model and extension of the tenant.
+    pub async fn models(&self, tenant: &str) -> Result<Vec<FcDocument>> {
+        self.db.fcs(FcTable::Model, tenant).await
+    }
+
+    /// Stores a model or extension. With `path_id` (PUT) its `metadata.name` must match it.
+    pub async fn put_model(
+        &self,
+        tenant: &str,
+        body: &[u8],
+        format: FcFormat,
+        path_id: Option<&str>,
+        mode: WriteMode,
+    ) -> Result<(FcDocument, Written)> {
+        let doc = parse_fc(body, format, FcKind::Model)?;
+        check_path_id(path_id, &doc.key, "metadata.name")?;
+        let r = self
+            .db
+            .put_fc(FcTable::Model, tenant, &doc, utf8(body)?, format, mode)
+            .await?;
+        self.committed(Change::Model {
+            tenant: tenant.to_string(),
+            name: doc.key,
+        })
+        .await;
+        Ok(r)
+    }
+
+    /// Deletes a model.
+    pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<()> {
+        if !self.db.delete_fc(FcTable::Model, tenant, name).await? {
+            return Err(not_found("model", name));
+        }
+        self.committed(Change::Model {
+            tenant: tenant.to_string(),
+            name: name.to_string(),
+        })
+        .await;
+        Ok(())
+    }
+}
+
+fn not_found(what: &'static str, id: &str) -> Error {
+    Error::NotFound {
+        what,
+        id: id.to_string(),
+    }
+}
+
+fn utf8(body: &[u8]) -> Result<&str> {
+    std::str::from_utf8(body).map_err(|e| Error::invalid("document is not UTF-8", e.to_string()))
+}
+
+fn check_path_id(path_id: Option<&str>, doc_id: &str, field: &str) -> Result<()> {
+    match path_id {
+        Some(p) if p != doc_id => Err(Error::invalid(
+            "path and document disagree",
+            format!("the path names '{p}' but {field} gives '{doc_id}'"),
+        )),
+        _ => Ok(()),
+    }
+}
