@@ -3,9 +3,11 @@
 //! Reads go through the caches; writes go to PostgreSQL, and only after COMMIT is the change
 //! handed to [`Node::apply`], the single entry point for invalidation.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 
-use crate::cache::{Caches, Change};
+use crate::cache::{CacheName, Caches, Change};
 use crate::config::Config;
 use crate::domain::{
     self, normalize_template_id, parse_fc, parse_opt, FcDocument, FcFormat, FcKind, OptDocument,
@@ -14,11 +16,16 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
 
+/// Called after a cache loader read the database and before the value is cached, with the
+/// cache and the key. Lets tests pause a load at exactly that point (the eviction race).
+pub type LoadHook = Arc<dyn Fn(CacheName, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// One node's cached view of the store.
 pub struct Node {
     config: Config,
     db: Db,
     caches: Caches,
+    load_hook: RwLock<Option<LoadHook>>,
 }
 
 impl Node {
@@ -26,7 +33,27 @@ impl Node {
     pub fn new(config: Config) -> Result<Node> {
         let db = Db::new(&config.database)?;
         let caches = Caches::new(&config.cache);
-        Ok(Node { config, db, caches })
+        Ok(Node {
+            config,
+            db,
+            caches,
+            load_hook: RwLock::new(None),
+        })
+    }
+
+    /// Installs (or with `None` removes) the [`LoadHook`].
+    pub fn set_load_hook(&self, hook: Option<LoadHook>) {
+        if let Ok(mut h) = self.load_hook.write() {
+            *h = hook;
+        }
+    }
+
+    async fn loaded<T>(&self, cache: CacheName, key: &str, value: T) -> T {
+        let hook = self.load_hook.read().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            hook(cache, key).await;
+        }
+        value
     }
 
     /// The configuration it runs with.
@@ -65,10 +92,8 @@ impl Node {
         self.caches
             .tenant
             .get_or_load(id, None, || async {
-                self.db
-                    .tenant(id)
-                    .await?
-                    .ok_or_else(|| not_found("tenant", id))
+                let t = self.db.tenant(id).await?;
+                self.loaded(CacheName::Tenant, id, t).await.ok_or_else(|| not_found("tenant", id))
             })
             .await
     }
@@ -122,10 +147,8 @@ impl Node {
         self.caches
             .opt
             .get_or_load(tenant, Some(&id), || async {
-                self.db
-                    .opt(tenant, &id)
-                    .await?
-                    .ok_or_else(|| not_found("OPT", &id))
+                let o = self.db.opt(tenant, &id).await?;
+                self.loaded(CacheName::Opt, &id, o).await.ok_or_else(|| not_found("OPT", &id))
             })
             .await
     }
@@ -180,10 +203,8 @@ impl Node {
         self.caches
             .context
             .get_or_load(tenant, Some(&id), || async {
-                self.db
-                    .fc(FcTable::Context, tenant, &id)
-                    .await?
-                    .ok_or_else(|| not_found("context", &id))
+                let c = self.db.fc(FcTable::Context, tenant, &id).await?;
+                self.loaded(CacheName::Context, &id, c).await.ok_or_else(|| not_found("context", &id))
             })
             .await
     }
@@ -193,13 +214,9 @@ impl Node {
         self.caches
             .all_contexts
             .get_or_load(tenant, None, || async {
-                Ok(self
-                    .db
-                    .fcs(FcTable::Context, tenant)
-                    .await?
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect())
+                let all = self.db.fcs(FcTable::Context, tenant).await?;
+                let all = self.loaded(CacheName::AllContexts, tenant, all).await;
+                Ok(all.into_iter().map(Arc::new).collect())
             })
             .await
     }

@@ -1,3 +1,155 @@
+//! Shared helpers of the integration tests: a real node (library code, real HTTP server on
+//! port 0) against its own fresh PostgreSQL database, and fixture builders.
 #![allow(dead_code)]
 
 pub mod pg;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use openfhir_cache::app::{self, Running, ServeOptions};
+use openfhir_cache::cache::{CacheName, CacheReport};
+use openfhir_cache::{Config, Node};
+use pg::TestDb;
+
+/// A node under test with its database.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// The node's store (statistics, hooks).
+    pub node: Arc<Node>,
+    /// HTTP client.
+    pub client: reqwest::Client,
+    /// The database (dropped with the app).
+    pub db: TestDb,
+    running: Option<Running>,
+}
+
+/// Starts a node on a fresh database with the default configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_with(&[]).await
+}
+
+/// Starts a node on a fresh database with extra environment settings.
+pub async fn spawn_with(env: &[(&str, &str)]) -> TestApp {
+    let db = TestDb::new().await;
+    spawn_on(db, env).await
+}
+
+/// Starts a node on the given database (several nodes may share one).
+pub async fn spawn_on(db: TestDb, env: &[(&str, &str)]) -> TestApp {
+    let config = test_config(&db.url, env);
+    let running = app::start(config, ServeOptions::default())
+        .await
+        .expect("node starts");
+    TestApp {
+        base: format!("http://{}", running.addr),
+        node: running.node.clone(),
+        client: reqwest::Client::new(),
+        db,
+        running: Some(running),
+    }
+}
+
+/// The configuration of a test node: its database, port 0, a small pool, plus `env`.
+pub fn test_config(db_url: &str, env: &[(&str, &str)]) -> Config {
+    let mut map: HashMap<String, String> = HashMap::from([
+        ("DATABASE_URL".into(), db_url.to_string()),
+        ("OPENFHIR_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        ("OPENFHIR_DB_POOL_SIZE".into(), "8".into()),
+    ]);
+    for (k, v) in env {
+        map.insert(k.to_string(), v.to_string());
+    }
+    Config::from_sources(None, |k| map.get(k).cloned()).expect("valid test config")
+}
+
+impl TestApp {
+    /// A full URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A request builder for `method path`.
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(path))
+    }
+
+    /// `PUT /opt/{id}` with XML in the default tenant; returns the status.
+    pub async fn put_opt(&self, template_id: &str, xml: &str) -> u16 {
+        self.req(reqwest::Method::PUT, &format!("/opt/{template_id}"))
+            .header("content-type", "application/xml")
+            .body(xml.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    /// `GET path` body as text, asserting 200.
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        let status = r.status();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 200, "GET {path}: {text}");
+        text
+    }
+
+    /// Statistics of one cache.
+    pub async fn stats(&self, cache: CacheName) -> CacheReport {
+        self.node
+            .caches()
+            .report()
+            .await
+            .into_iter()
+            .find(|r| r.cache == cache)
+            .unwrap()
+    }
+
+    /// A direct SQL connection to the node's database.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        self.db.connect().await
+    }
+
+    /// Stops the node gracefully.
+    pub async fn stop(mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// A small but well-formed OPT whose `concept` carries `marker` (to tell versions apart).
+pub fn opt_xml(template_id: &str, marker: &str) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<template xmlns="http://schemas.openehr.org/v1" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <language><terminology_id><value>ISO_639-1</value></terminology_id><code_string>en</code_string></language>
+  <description><other_details id="sem_ver">1.0.0</other_details></description>
+  <uid><value>{marker}</value></uid>
+  <template_id><value>{template_id}</value></template_id>
+  <concept>{marker}</concept>
+  <definition xsi:type="C_ARCHETYPE_ROOT">
+    <rm_type_name>COMPOSITION</rm_type_name>
+    <occurrences><lower_included>true</lower_included><upper_included>true</upper_included><lower_unbounded>false</lower_unbounded><upper_unbounded>false</upper_unbounded><lower>1</lower><upper>1</upper></occurrences>
+    <node_id/>
+    <archetype_id><value>openEHR-EHR-COMPOSITION.report.v1</value></archetype_id>
+  </definition>
+</template>"#
+    )
+}
+
+/// A FHIR Connect context for `template_id`; `marker` goes into `metadata.version`.
+pub fn context_yaml(template_id: &str, marker: &str) -> String {
+    format!(
+        "grammar: FHIRConnect/v1.0.0\ntype: context\nmetadata:\n  name: ctx\n  version: \"{marker}\"\nspec:\n  system: FHIR\n  version: R4\ncontext:\n  profile:\n    url: http://hl7.org/fhir/StructureDefinition/Observation\n  template:\n    id: {template_id}\n  archetypes:\n    - OBSERVATION.height.v2\n  start: OBSERVATION.height.v2\n"
+    )
+}
+
+/// A FHIR Connect model named `name`; `marker` goes into `metadata.version`.
+pub fn model_yaml(name: &str, marker: &str) -> String {
+    format!(
+        "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata:\n  name: {name}\n  version: \"{marker}\"\nspec:\n  system: FHIR\n  version: R4\n  openEhrConfig:\n    archetype: openEHR-EHR-OBSERVATION.height.v2\n  fhirConfig:\n    structureDefinition: http://hl7.org/fhir/StructureDefinition/Observation\nmappings:\n  - name: height\n    with:\n      fhir: \"$resource.value\"\n      openehr: \"$archetype/data[at0001]/events[at0002]/data[at0003]/items[at0004]/value\"\n"
+    )
+}
