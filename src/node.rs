@@ -18,7 +18,8 @@ use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
 
 /// Called after a cache loader read the database and before the value is cached, with the
 /// cache and the key. Lets tests pause a load at exactly that point (the eviction race).
-pub type LoadHook = Arc<dyn Fn(CacheName, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+pub type LoadHook =
+    Arc<dyn Fn(CacheName, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// One node's cached view of the store.
 pub struct Node {
@@ -93,7 +94,9 @@ impl Node {
             .tenant
             .get_or_load(id, None, || async {
                 let t = self.db.tenant(id).await?;
-                self.loaded(CacheName::Tenant, id, t).await.ok_or_else(|| not_found("tenant", id))
+                self.loaded(CacheName::Tenant, id, t)
+                    .await
+                    .ok_or_else(|| not_found("tenant", id))
             })
             .await
     }
@@ -148,7 +151,9 @@ impl Node {
             .opt
             .get_or_load(tenant, Some(&id), || async {
                 let o = self.db.opt(tenant, &id).await?;
-                self.loaded(CacheName::Opt, &id, o).await.ok_or_else(|| not_found("OPT", &id))
+                self.loaded(CacheName::Opt, &id, o)
+                    .await
+                    .ok_or_else(|| not_found("OPT", &id))
             })
             .await
     }
@@ -204,7 +209,9 @@ impl Node {
             .context
             .get_or_load(tenant, Some(&id), || async {
                 let c = self.db.fc(FcTable::Context, tenant, &id).await?;
-                self.loaded(CacheName::Context, &id, c).await.ok_or_else(|| not_found("context", &id))
+                self.loaded(CacheName::Context, &id, c)
+                    .await
+                    .ok_or_else(|| not_found("context", &id))
             })
             .await
     }
