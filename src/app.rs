@@ -120,17 +120,20 @@ fn unreachable(cfg: &Config, e: &Error) -> Error {
         .is_some_and(|v| v.default == cfg.database.url.expose());
     let hint = if default {
         "No DATABASE_URL is set and nothing answers at the default address: start PostgreSQL there \
-         (e.g. `pg_ctlcluster 15 main start`) or set DATABASE_URL=postgres://user:password@host:5432/db"
+         (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL=postgres://user:password@host:5432/db"
     } else {
         "Check that PostgreSQL runs there and DATABASE_URL is right"
     };
-    let cause = match e.root() {
-        Error::Pool(p) => match std::error::Error::source(p) {
-            Some(s) => s.to_string(),
-            None => p.to_string(),
-        },
-        other => other.to_string(),
-    };
+    // The whole chain: "error connecting to server: Connection refused (os error 111)".
+    let mut cause = e.root().to_string();
+    let mut src = std::error::Error::source(e.root());
+    while let Some(s) = src {
+        let s_text = s.to_string();
+        if !cause.contains(&s_text) {
+            cause = format!("{cause}: {s_text}");
+        }
+        src = s.source();
+    }
     Error::DatabaseUnreachable {
         url: cfg.database.url.masked(),
         cause,

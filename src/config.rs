@@ -339,21 +339,105 @@ impl Serialize for DatabaseUrl {
     }
 }
 
-/// Masks the password of a `postgres://` URL or of a `key=value` connection string.
+/// Masks the password of a `postgres://` URL (user info and `?password=`) or of a libpq
+/// `key=value` connection string (spaces around `=` and quoted values included).
 pub fn mask_url(raw: &str) -> String {
     if let Ok(mut u) = url::Url::parse(raw) {
         if u.password().is_some() {
             let _ = u.set_password(Some("***"));
         }
+        if u.query_pairs()
+            .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+        {
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "***".to_string()
+                    } else {
+                        v.into_owned()
+                    };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            u.query_pairs_mut().clear().extend_pairs(pairs);
+        }
         return u.to_string();
     }
-    raw.split_whitespace()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    if let Some((scheme, rest)) = raw.split_once("://") {
+        return format!("{scheme}://{}", mask_unparsable_url(rest));
+    }
+    mask_key_values(raw)
+}
+
+/// A URL the `url` crate refused (e.g. port 99999): mask `user:password@` and any
+/// `password=` query parameter by hand, so an error message about it never leaks the secret.
+fn mask_unparsable_url(rest: &str) -> String {
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let q: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", q.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{authority}{tail}")
+}
+
+/// libpq `key = value` syntax: values are bare words or single-quoted with `\` escapes.
+fn mask_key_values(raw: &str) -> String {
+    let mut out = Vec::new();
+    let mut chars = raw.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            break;
+        }
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.next_if_eq(&'=').is_none() {
+            out.push(key);
+            continue;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            value.push('\'');
+            while let Some(c) = chars.next() {
+                value.push(c);
+                match c {
+                    '\\' => value.extend(chars.next()),
+                    '\'' => break,
+                    _ => {}
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(c);
+            }
+        }
+        if key.eq_ignore_ascii_case("password") {
+            value = "***".to_string();
+        }
+        out.push(format!("{key}={value}"));
+    }
+    out.join(" ")
 }
 
 /// Log output format (`OPENFHIR_LOG_FORMAT`).
@@ -646,7 +730,12 @@ impl Raw<'_> {
         let (text, source_name) = (self.text(&value, var)?, self.source_name(&value, var));
         f(&text).map_err(|reason| ConfigError::Invalid {
             source_name,
-            value: text,
+            // Never echo a secret in an error message.
+            value: match key {
+                "database.url" => mask_url(&text),
+                "http.api_token" => "***".to_string(),
+                _ => text,
+            },
             reason,
         })
     }
@@ -939,5 +1028,25 @@ mod tests {
             Err(ConfigError::File { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_password_form_is_masked() {
+        for raw in [
+            "postgres://u:pw1@db:5432/x",
+            "postgres://u@db/x?sslmode=disable&password=pw1",
+            "postgresql:///x?host=db&password=pw1",
+            "postgres://u:pw1@db:99999/x",
+            "postgres://u:pw1@db:99999/x?password=pw1",
+            "host=db password = 'p w1\\' x' user=u",
+            "host=db password=pw1",
+        ] {
+            let m = mask_url(raw);
+            assert!(!m.contains("pw1") && m.contains("***"), "{raw} -> {m}");
+        }
+        let e = with(&[("DATABASE_URL", "postgres://app:pw1@db:99999/x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DATABASE_URL") && !e.contains("pw1"), "{e}");
     }
 }

@@ -106,15 +106,26 @@ impl Error {
         }
     }
 
-    /// True when retrying later may succeed (database or pool trouble), i.e. HTTP 503.
+    /// True when retrying later may succeed (the database is unreachable, restarting or
+    /// overloaded), i.e. HTTP 503.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self.root(),
-            Error::Db(_)
-                | Error::Pool(_)
-                | Error::Migration { .. }
-                | Error::DatabaseUnreachable { .. }
-        )
+        match self.root() {
+            Error::Db(e) => match e.code() {
+                // No SQLSTATE: the connection itself failed or closed.
+                None => true,
+                // 08 connection exception, 53 insufficient resources, 57 operator intervention
+                // (e.g. shutdown), 58 system error.
+                Some(c) => matches!(&c.code()[..2], "08" | "53" | "57" | "58"),
+            },
+            Error::Pool(_) | Error::Migration { .. } | Error::DatabaseUnreachable { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// True when PostgreSQL refused a value the client sent (SQLSTATE class 22, data exception),
+    /// e.g. a NUL character: a client error, not an outage.
+    pub fn is_bad_value(&self) -> bool {
+        matches!(self.root(), Error::Db(e) if e.code().is_some_and(|c| c.code().starts_with("22")))
     }
 }
 

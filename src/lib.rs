@@ -6,7 +6,7 @@
 //! ## The coherence model, in short
 //! * Reads go through per-group caches ([`cache`]) whose TTL comes from the environment
 //!   (`0` disabled, `-1` infinite, `N` seconds expire-after-write). Concurrent misses on one key
-//!   load once.
+//!   load once (with TTL `0` there is no cache, so every read loads).
 //! * Writes go to PostgreSQL ([`store`]); only after COMMIT is the change applied to the caches,
 //!   through one rule ([`cache::targets`]) that every invalidation channel shares.
 //! * An eviction that races with an in-flight load of the same key wins: entries carry the

@@ -114,6 +114,8 @@ impl Node {
         config: &serde_json::Value,
     ) -> Result<(Tenant, Written)> {
         domain::validate_tenant_id(id)?;
+        domain::reject_nul("tenant name", &serde_json::Value::from(name))?;
+        domain::reject_nul("tenant config", config)?;
         let r = self.db.put_tenant(id, name, config).await?;
         self.committed(Change::Tenant {
             tenant: id.to_string(),
@@ -147,6 +149,7 @@ impl Node {
     /// An OPT (cached). `template_id` is normalized here.
     pub async fn opt(&self, tenant: &str, template_id: &str) -> Result<Arc<OptDocument>> {
         let id = normalize_template_id(template_id);
+        domain::validate_artifact_id("template id", &id)?;
         self.caches
             .opt
             .get_or_load(tenant, Some(&id), || async {
@@ -189,6 +192,7 @@ impl Node {
     /// Deletes an OPT.
     pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<()> {
         let id = normalize_template_id(template_id);
+        domain::validate_artifact_id("template id", &id)?;
         if !self.db.delete_opt(tenant, &id).await? {
             return Err(not_found("OPT", &id));
         }
@@ -205,6 +209,7 @@ impl Node {
     /// A context (cached), by template id (normalized here).
     pub async fn context(&self, tenant: &str, template_id: &str) -> Result<Arc<FcDocument>> {
         let id = normalize_template_id(template_id);
+        domain::validate_artifact_id("template id", &id)?;
         self.caches
             .context
             .get_or_load(tenant, Some(&id), || async {
@@ -258,6 +263,7 @@ impl Node {
     /// Deletes a context.
     pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<()> {
         let id = normalize_template_id(template_id);
+        domain::validate_artifact_id("template id", &id)?;
         if !self.db.delete_fc(FcTable::Context, tenant, &id).await? {
             return Err(not_found("context", &id));
         }
@@ -273,6 +279,7 @@ impl Node {
 
     /// A model or extension, by name (read from the database; compiled artifacts are cached).
     pub async fn model(&self, tenant: &str, name: &str) -> Result<FcDocument> {
+        domain::validate_artifact_id("model name", name)?;
         self.db
             .fc(FcTable::Model, tenant, name)
             .await?
@@ -309,6 +316,7 @@ impl Node {
 
     /// Deletes a model.
     pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<()> {
+        domain::validate_artifact_id("model name", name)?;
         if !self.db.delete_fc(FcTable::Model, tenant, name).await? {
             return Err(not_found("model", name));
         }

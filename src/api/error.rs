@@ -40,6 +40,13 @@ impl From<Error> for ApiError {
             }
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, root.to_string(), vec![]),
             Error::Conflict(m) => (StatusCode::CONFLICT, m.clone(), vec![]),
+            Error::Db(db) if root.is_bad_value() => (
+                StatusCode::BAD_REQUEST,
+                "invalid value".to_string(),
+                vec![db
+                    .as_db_error()
+                    .map_or_else(|| db.to_string(), |d| d.message().to_string())],
+            ),
             _ if root.is_unavailable() => {
                 // Log the cause; tell the client only that the database is unavailable.
                 tracing::warn!(error = %root, "request failed: database unavailable");

@@ -77,6 +77,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/health/ready", get(ops::ready))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", vec![]) })
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
+        .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -91,13 +92,20 @@ async fn authenticate(State(node): State<AppState>, req: Request, next: Next) ->
     let Some(token) = &node.config().http.api_token else {
         return next.run(req).await;
     };
-    if req.uri().path().starts_with("/health") {
+    if matches!(
+        req.uri().path(),
+        "/health" | "/health/live" | "/health/ready"
+    ) {
         return next.run(req).await;
     }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .and_then(|v| {
+            let v = v.as_bytes();
+            // The scheme name is case-insensitive (RFC 9110 section 11.1).
+            (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+        })
         .unwrap_or_default();
     // Constant-time comparison: the time taken does not reveal how much of the token matched.
     if bool::from(given.ct_eq(token.expose().as_bytes())) {
@@ -115,6 +123,40 @@ async fn authenticate(State(node): State<AppState>, req: Request, next: Next) ->
         );
         r
     }
+}
+
+/// Gives error responses made outside our handlers (405 from routing, 408 from the timeout,
+/// path decoding rejections) the same JSON `{error, details}` shape as ours.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let details: Vec<String> = std::str::from_utf8(&text)
+        .ok()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| vec![t.to_string()])
+        .unwrap_or_default();
+    let error = status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase();
+    let json = serde_json::json!({ "error": error, "details": details }).to_string();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(json))
 }
 
 /// The request's tenant, checked to exist.

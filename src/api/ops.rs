@@ -101,7 +101,13 @@ pub async fn ready(State(node): State<AppState>) -> Response {
 pub async fn metrics(State(node): State<AppState>) -> Response {
     let report = node.caches().report().await;
     let mut out = String::new();
-    let series: [(&str, &str, &str, fn(&crate::cache::StatsSnapshot) -> u64); 7] = [
+    type Series = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&crate::cache::StatsSnapshot) -> u64,
+    );
+    let series: [Series; 7] = [
         ("openfhir_cache_entries", "gauge", "Entries held.", |s| {
             s.entries
         }),

@@ -36,7 +36,15 @@ pub async fn put(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let b = body(b)?;
-    let req: TenantBody = parse_json(&headers, &b)?;
+    // Both fields are optional, so an empty body means "defaults".
+    let req: TenantBody = if b.is_empty() {
+        TenantBody {
+            name: None,
+            config: None,
+        }
+    } else {
+        parse_json(&headers, &b)?
+    };
     let config = req.config.unwrap_or_else(|| serde_json::json!({}));
     if !config.is_object() {
         return Err(ApiError::new(

@@ -94,6 +94,13 @@ pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedF
         FcFormat::Yaml => serde_norway::from_str(text)
             .map_err(|e| Error::invalid("malformed YAML", e.to_string()))?,
     };
+    if text.contains('\0') {
+        return Err(Error::invalid(
+            "invalid document",
+            "the document contains a NUL byte",
+        ));
+    }
+    crate::domain::reject_nul("document", &json)?;
     if !json.is_object() {
         return Err(Error::invalid(
             "not a FHIR Connect document",
@@ -167,6 +174,7 @@ pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedF
 
 /// A stored FHIR Connect document. Shared and immutable.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FcDocument {
     /// Tenant id.
     pub tenant: String,

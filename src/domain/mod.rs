@@ -50,6 +50,36 @@ pub fn validate_artifact_id(what: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a JSON value holding a NUL character anywhere: PostgreSQL text and jsonb cannot
+/// store it, and the client should hear that as a 400 naming the field.
+pub fn reject_nul(what: &str, v: &serde_json::Value) -> Result<()> {
+    let has_nul = match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => return a.iter().try_for_each(|x| reject_nul(what, x)),
+        serde_json::Value::Object(o) => {
+            for (k, x) in o {
+                if k.contains('\0') {
+                    return Err(nul_error(what));
+                }
+                reject_nul(what, x)?;
+            }
+            false
+        }
+        _ => false,
+    };
+    if has_nul {
+        return Err(nul_error(what));
+    }
+    Ok(())
+}
+
+fn nul_error(what: &str) -> Error {
+    Error::invalid(
+        format!("invalid {what}"),
+        format!("{what} contains a NUL character (\\u0000), which cannot be stored"),
+    )
+}
+
 /// A tenant configuration record.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Tenant {

@@ -14,14 +14,17 @@ pub const OPENEHR_NS: &str = "http://schemas.openehr.org/v1";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Template {
     /// The template id as written in `template_id/value` (e.g. `Growth chart`).
+    #[serde(rename = "originalTemplateId")]
     pub template_id: String,
     /// The normalized id (lowercase, spaces as `_`): the key.
+    #[serde(rename = "templateId")]
     pub normalized_id: String,
     /// `concept`, if present.
     pub concept: Option<String>,
     /// `language/code_string`, if present.
     pub language: Option<String>,
     /// `description/other_details[@id='sem_ver']`, if present.
+    #[serde(rename = "semVer")]
     pub sem_ver: Option<String>,
 }
 

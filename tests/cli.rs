@@ -1,0 +1,668 @@
+//! The real `openfhir-cache` binary: `config`, `migrate` and `serve`, run as child processes
+//! with a cleared environment (only `PATH` plus what each test sets) in an empty working
+//! directory (so no stray `openfhir-cache.toml` is picked up).
+
+mod common;
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pg::TestDb;
+use openfhir_cache::store::migrate::MIGRATIONS;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_openfhir-cache");
+
+/// The binary with `args`, a cleared environment plus `env`, run in `dir`.
+fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    c
+}
+
+/// Runs to completion (for commands that end by themselves: `config`, `migrate`).
+fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(dir, args, env).output().expect("the binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    )
+}
+
+/// `config` output parsed as JSON, asserting success.
+fn config_json(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Value {
+    let mut all = vec!["config"];
+    all.extend_from_slice(args);
+    let o = run(dir, &all, env);
+    assert!(o.status.success(), "{}", describe(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(&o)))
+}
+
+/// `config` that must fail with exit code 2; returns stderr.
+fn config_fails(dir: &Path, env: &[(&str, &str)]) -> String {
+    let o = run(dir, &["config"], env);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(o.stdout.is_empty(), "nothing on stdout: {}", describe(&o));
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// A port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A running child process, killed (and reaped) when dropped, also when the test panics.
+struct ChildGuard {
+    child: Child,
+    stderr_path: PathBuf,
+}
+
+impl ChildGuard {
+    /// Starts `command` with stdout and stderr captured into files under `dir`.
+    fn spawn(mut command: Command, dir: &Path, name: &str) -> ChildGuard {
+        let stderr_path = dir.join(format!("{name}.stderr"));
+        let out = File::create(dir.join(format!("{name}.stdout"))).unwrap();
+        let err = File::create(&stderr_path).unwrap();
+        let child = command
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .expect("the binary starts");
+        ChildGuard { child, stderr_path }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the process to exit by itself.
+    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Panics (with its stderr) if the process has already exited.
+    fn assert_running(&mut self) {
+        if let Some(s) = self.child.try_wait().unwrap() {
+            panic!("the node exited early ({s}):\n{}", self.stderr());
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `serve` on a free local port; returns the guard and the base URL once
+/// `/health/live` answers.
+async fn start_serve(
+    dir: &Path,
+    extra_args: &[&str],
+    db_url: &str,
+    name: &str,
+) -> (ChildGuard, String) {
+    let port = closed_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec!["serve"];
+    args.extend_from_slice(extra_args);
+    let cmd = command(
+        dir,
+        &args,
+        &[
+            ("DATABASE_URL", db_url),
+            ("OPENFHIR_HTTP_ADDR", &addr),
+            ("OPENFHIR_DB_POOL_SIZE", "2"),
+        ],
+    );
+    let mut guard = ChildGuard::spawn(cmd, dir, name);
+    let base = format!("http://{addr}");
+    let client = http();
+    for _ in 0..100 {
+        guard.assert_running();
+        if let Ok(r) = client.get(format!("{base}/health/live")).send().await {
+            if r.status() == 200 {
+                return (guard, base);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the node did not answer /health/live:\n{}", guard.stderr());
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// True once the process has a handler installed for SIGTERM (Linux: `SigCgt` in
+/// `/proc/PID/status`), so a SIGTERM will be handled, not fatal.
+fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+}
+
+async fn migration_rows(db: &TestDb) -> Vec<(i32, i64)> {
+    db.connect()
+        .await
+        .query(
+            "SELECT version, count(*) FROM openfhir_schema_migrations GROUP BY version ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+fn expected_migration_rows() -> Vec<(i32, i64)> {
+    MIGRATIONS.iter().map(|m| (m.version, 1)).collect()
+}
+
+// ---------------------------------------------------------------------------
+// config
+// ---------------------------------------------------------------------------
+
+#[test]
+fn config_with_nothing_set_prints_the_defaults() {
+    let dir = tempdir();
+    let c = config_json(dir.path(), &[], &[]);
+    assert_eq!(c["cache"]["opt_ttl"], -1, "{c}");
+    assert_eq!(c["cache"]["fhir_connect_ttl"], -1, "{c}");
+    assert_eq!(c["cache"]["tenant_ttl"], -1, "{c}");
+    assert_eq!(c["cluster"]["discovery"], "MULTICAST", "{c}");
+    assert_eq!(c["cluster"]["port"], 7800, "{c}");
+    assert_eq!(c["cluster"]["initial_hosts"], serde_json::json!([]), "{c}");
+    assert_eq!(c["http"]["addr"], "0.0.0.0:8080", "{c}");
+    assert_eq!(c["http"]["max_body_bytes"], 16 * 1024 * 1024, "{c}");
+    assert!(c["http"]["api_token"].is_null(), "{c}");
+    assert_eq!(
+        c["database"]["url"], "postgres://postgres@127.0.0.1:5432/postgres",
+        "{c}"
+    );
+    assert_eq!(c["log"]["format"], "text", "{c}");
+}
+
+#[test]
+fn config_masks_secrets() {
+    let dir = tempdir();
+    let o = run(
+        dir.path(),
+        &["config"],
+        &[
+            ("OPENFHIR_API_TOKEN", "tok-Zq8-secret"),
+            ("DATABASE_URL", "postgres://app:hunter2pw@db.example:5432/x"),
+        ],
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = stdout(&o);
+    assert!(!out.contains("tok-Zq8-secret"), "{out}");
+    assert!(!out.contains("hunter2pw"), "{out}");
+    let c: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(c["http"]["api_token"], "***", "{c}");
+    assert_eq!(
+        c["database"]["url"], "postgres://app:***@db.example:5432/x",
+        "{c}"
+    );
+    assert!(!stderr(&o).contains("hunter2pw") && !stderr(&o).contains("tok-Zq8-secret"));
+}
+
+#[test]
+fn config_masks_passwords_in_every_url_form() {
+    let dir = tempdir();
+    for url in [
+        "postgres://app@db.example:5432/x?password=hunter2pw",
+        "postgresql:///x?host=db.example&user=app&password=hunter2pw",
+        "host=db.example user=app password = hunter2pw",
+        "host=db.example user=app password='hunter2pw and more'",
+    ] {
+        let o = run(dir.path(), &["config"], &[("DATABASE_URL", url)]);
+        assert!(o.status.success(), "{url}: {}", describe(&o));
+        let out = stdout(&o);
+        assert!(
+            !out.contains("hunter2pw") && !out.contains("and more"),
+            "{url}: {out}"
+        );
+    }
+}
+
+#[test]
+fn invalid_database_url_error_masks_the_password() {
+    let dir = tempdir();
+    for url in [
+        "postgres://app:hunter2pw@db.example:99999/x",
+        "postgres://app:hunter2pw@db.example:5432/x?sslmode=bogus",
+    ] {
+        let err = config_fails(dir.path(), &[("DATABASE_URL", url)]);
+        assert!(err.contains("DATABASE_URL"), "{err}");
+        assert!(!err.contains("hunter2pw"), "{url}: {err}");
+    }
+}
+
+#[test]
+fn config_rejects_invalid_values_naming_the_variable() {
+    let dir = tempdir();
+    let err = config_fails(dir.path(), &[("OPENFHIR_CACHE_OPT_TTL", "5m")]);
+    assert!(
+        err.contains("OPENFHIR_CACHE_OPT_TTL") && err.contains("5m"),
+        "{err}"
+    );
+
+    let err = config_fails(dir.path(), &[("CLUSTER_DISCOVERY", "DNS")]);
+    assert!(err.contains("CLUSTER_DNS_QUERY"), "{err}");
+
+    let err = config_fails(dir.path(), &[("CLUSTER_DISCOVERY", "TCP")]);
+    assert!(err.contains("CLUSTER_INITIAL_HOSTS"), "{err}");
+
+    let err = config_fails(
+        dir.path(),
+        &[
+            ("CLUSTER_DISCOVERY", "TCP"),
+            ("CLUSTER_INITIAL_HOSTS", "node-1[7800],node-2:7800"),
+        ],
+    );
+    assert!(
+        err.contains("CLUSTER_INITIAL_HOSTS") && err.contains("node-2:7800"),
+        "{err}"
+    );
+
+    let err = config_fails(dir.path(), &[("CLUSTER_DISCOVERY", "gossip")]);
+    assert!(
+        err.contains("CLUSTER_DISCOVERY") && err.contains("gossip"),
+        "{err}"
+    );
+
+    // Valid settings together.
+    let c = config_json(
+        dir.path(),
+        &[],
+        &[
+            ("CLUSTER_DISCOVERY", "tcp"),
+            (
+                "CLUSTER_INITIAL_HOSTS",
+                "node-1[7800], 10.0.0.2[7801],[::1][7802]",
+            ),
+            ("OPENFHIR_CACHE_OPT_TTL", "300"),
+            ("OPENFHIR_CACHE_TENANT_TTL", "0"),
+        ],
+    );
+    assert_eq!(c["cluster"]["discovery"], "TCP", "{c}");
+    assert_eq!(
+        c["cluster"]["initial_hosts"],
+        serde_json::json!(["node-1[7800]", "10.0.0.2[7801]", "[::1][7802]"]),
+        "{c}"
+    );
+    assert_eq!(c["cache"]["opt_ttl"], 300, "{c}");
+    assert_eq!(c["cache"]["tenant_ttl"], 0, "{c}");
+}
+
+#[test]
+fn config_file_then_environment() {
+    let dir = tempdir();
+    let file = dir.path().join("custom.toml");
+    std::fs::write(
+        &file,
+        "[cache]\nopt_ttl = 300\ntenant_ttl = 60\n\n[cluster]\ndiscovery = \"TCP\"\nport = 7900\ninitial_hosts = [\"a[1]\", \"b[2]\"]\n\n[http]\naddr = \"127.0.0.1:9999\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+
+    let c = config_json(dir.path(), &["--config", path], &[]);
+    assert_eq!(c["cache"]["opt_ttl"], 300, "{c}");
+    assert_eq!(c["cache"]["tenant_ttl"], 60, "{c}");
+    assert_eq!(
+        c["cache"]["fhir_connect_ttl"], -1,
+        "defaults fill the rest: {c}"
+    );
+    assert_eq!(c["cluster"]["discovery"], "TCP", "{c}");
+    assert_eq!(c["cluster"]["port"], 7900, "{c}");
+    assert_eq!(
+        c["cluster"]["initial_hosts"],
+        serde_json::json!(["a[1]", "b[2]"]),
+        "{c}"
+    );
+    assert_eq!(c["http"]["addr"], "127.0.0.1:9999", "{c}");
+
+    // The environment overrides the file.
+    let c = config_json(
+        dir.path(),
+        &["--config", path],
+        &[("OPENFHIR_CACHE_OPT_TTL", "5"), ("CLUSTER_PORT", "7901")],
+    );
+    assert_eq!(c["cache"]["opt_ttl"], 5, "{c}");
+    assert_eq!(c["cluster"]["port"], 7901, "{c}");
+    assert_eq!(c["cache"]["tenant_ttl"], 60, "{c}");
+
+    // --config also works after the subcommand (global flag).
+    let c = config_json(dir.path(), &[], &[]);
+    assert_eq!(c["cache"]["opt_ttl"], -1, "no file without --config: {c}");
+    let o = run(dir.path(), &["config", "--config", path], &[]);
+    assert!(o.status.success(), "{}", describe(&o));
+
+    // ./openfhir-cache.toml is read when present.
+    std::fs::copy(&file, dir.path().join("openfhir-cache.toml")).unwrap();
+    let c = config_json(dir.path(), &[], &[]);
+    assert_eq!(c["cache"]["opt_ttl"], 300, "{c}");
+
+    // A bad value in the file names the key and the file.
+    std::fs::write(&file, "[cache]\nopt_ttl = \"5m\"\n").unwrap();
+    let o = run(dir.path(), &["--config", path, "config"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("cache.opt_ttl") && err.contains("5m") && err.contains("custom.toml"),
+        "{err}"
+    );
+
+    // A malformed file fails naming it.
+    std::fs::write(&file, "[cache\n").unwrap();
+    let o = run(dir.path(), &["--config", path, "config"], &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(stderr(&o).contains("custom.toml"), "{}", describe(&o));
+}
+
+#[test]
+fn missing_config_file_fails_naming_it() {
+    let dir = tempdir();
+    let missing = dir.path().join("nope.toml");
+    let o = run(
+        dir.path(),
+        &["--config", missing.to_str().unwrap(), "config"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
+    assert!(o.stdout.is_empty(), "{}", describe(&o));
+    let err = stderr(&o);
+    assert!(err.contains("nope.toml"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Unreachable database
+// ---------------------------------------------------------------------------
+
+/// Runs `args` against a database URL on a closed port; returns the output. Fails the test if
+/// the process does not exit by itself in time.
+fn run_against_closed_port(
+    dir: &Path,
+    args: &[&str],
+    url: &str,
+    name: &str,
+) -> (ExitStatus, String) {
+    let cmd = command(
+        dir,
+        args,
+        &[("DATABASE_URL", url), ("OPENFHIR_HTTP_ADDR", "127.0.0.1:0")],
+    );
+    let mut child = ChildGuard::spawn(cmd, dir, name);
+    let status = child
+        .wait_for_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("{args:?} did not exit within 15 s:\n{}", child.stderr()));
+    (status, child.stderr())
+}
+
+#[test]
+fn serve_with_an_unreachable_database_says_so_and_exits() {
+    let dir = tempdir();
+    let port = closed_port();
+    let url = format!("postgres://u:pw@127.0.0.1:{port}/x");
+    let masked = format!("postgres://u:***@127.0.0.1:{port}/x");
+    for (args, name) in [(&["serve"][..], "serve"), (&["migrate"][..], "migrate")] {
+        let (status, err) = run_against_closed_port(dir.path(), args, &url, name);
+        assert!(!status.success(), "{name} exits non-zero: {status}\n{err}");
+        assert!(
+            status.code().is_some(),
+            "{name} exited, was not killed: {status}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("pw"), "password shown: {err}");
+        let line = err
+            .lines()
+            .find(|l| l.contains("cannot reach the database at"))
+            .unwrap_or_else(|| panic!("{name}: no clear message:\n{err}"));
+        assert!(line.contains(&masked), "{line}");
+        if name == "serve" {
+            // The same line tells how to fix it.
+            assert!(line.contains("DATABASE_URL"), "{line}");
+        }
+    }
+}
+
+#[test]
+fn unreachable_database_message_masks_a_query_password() {
+    let dir = tempdir();
+    let port = closed_port();
+    let url = format!("postgres://u@127.0.0.1:{port}/x?password=hunter2pw");
+    let (status, err) = run_against_closed_port(dir.path(), &["serve"], &url, "serve");
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("cannot reach the database at"), "{err}");
+    assert!(!err.contains("hunter2pw"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// migrate
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn migrate_applies_once_then_is_a_no_op() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let o = run(dir.path(), &["migrate"], &env);
+    assert!(o.status.success(), "{}", describe(&o));
+    let versions: Vec<String> = MIGRATIONS.iter().map(|m| m.version.to_string()).collect();
+    assert!(
+        stdout(&o).contains(&format!("applied migrations: [{}]", versions.join(", "))),
+        "{}",
+        describe(&o)
+    );
+    assert_eq!(migration_rows(&db).await, expected_migration_rows());
+
+    let o = run(dir.path(), &["migrate"], &env);
+    assert!(o.status.success(), "{}", describe(&o));
+    assert!(
+        stdout(&o).contains("applied migrations: []"),
+        "{}",
+        describe(&o)
+    );
+    assert_eq!(migration_rows(&db).await, expected_migration_rows());
+    let tenants: i64 = db
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM tenant WHERE id = 'default'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tenants, 1);
+}
+
+#[tokio::test]
+async fn concurrent_migrations_apply_each_version_once() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let mut children: Vec<ChildGuard> = (0..4)
+        .map(|i| {
+            ChildGuard::spawn(
+                command(dir.path(), &["migrate"], &env),
+                dir.path(),
+                &format!("migrate-{i}"),
+            )
+        })
+        .collect();
+    for (i, c) in children.iter_mut().enumerate() {
+        let status = c
+            .wait_for_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("migrate {i} did not finish:\n{}", c.stderr()));
+        assert!(status.success(), "migrate {i}: {status}\n{}", c.stderr());
+    }
+    assert_eq!(migration_rows(&db).await, expected_migration_rows());
+    let tenants: i64 = db
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM tenant", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tenants, 1, "the default tenant once");
+}
+
+// ---------------------------------------------------------------------------
+// serve
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn serve_no_migrate_is_not_ready_until_migrated() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let (mut node, base) = start_serve(dir.path(), &["--no-migrate"], &db.url, "serve").await;
+    let client = http();
+
+    let r = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "not ready", "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("migrate"),
+        "{body}"
+    );
+    assert!(
+        migration_rows_table_missing(&db).await,
+        "--no-migrate applied nothing"
+    );
+
+    let o = run(
+        dir.path(),
+        &["migrate"],
+        &[("DATABASE_URL", db.url.as_str())],
+    );
+    assert!(o.status.success(), "{}", describe(&o));
+
+    let r = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({ "status": "ready" }));
+    // And it serves.
+    let r = client.get(format!("{base}/opt")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    node.assert_running();
+}
+
+async fn migration_rows_table_missing(db: &TestDb) -> bool {
+    db.connect()
+        .await
+        .query_one(
+            "SELECT to_regclass('openfhir_schema_migrations') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn serve_migrates_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::new().await;
+    let dir = tempdir();
+    let (mut node, base) = start_serve(dir.path(), &[], &db.url, "serve").await;
+    let client = http();
+    // `serve` applied the migrations itself.
+    let r = client
+        .get(format!("{base}/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(migration_rows(&db).await, expected_migration_rows());
+
+    // Wait until the SIGTERM handler is installed (bounded), then send SIGTERM.
+    let pid = node.pid();
+    for _ in 0..100 {
+        if catches_sigterm(pid) {
+            break;
+        }
+        node.assert_running();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        catches_sigterm(pid),
+        "no SIGTERM handler:\n{}",
+        node.stderr()
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(kill.success());
+    let status = node
+        .wait_for_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("no exit within 15 s after SIGTERM:\n{}", node.stderr()));
+    assert!(
+        status.success(),
+        "exit after SIGTERM: {status}\n{}",
+        node.stderr()
+    );
+    assert!(!node.stderr().contains("panicked"), "{}", node.stderr());
+}
