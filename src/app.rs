@@ -141,6 +141,33 @@ fn unreachable(cfg: &Config, e: &Error) -> Error {
     }
 }
 
+/// Probes `GET {base}/health/live` with a plain HTTP/1.1 request (3 s limit); `Ok` on 200.
+pub async fn probe_live(base: &str) -> std::result::Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{base}: only http:// URLs are supported"))?
+        .trim_end_matches('/');
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(hostport).await?;
+        let req =
+            format!("GET /health/live HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let n = s.read(&mut head).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).to_string())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(3), probe).await {
+        Err(_) => Err(format!("{base}/health/live: no answer within 3 s")),
+        Ok(Err(e)) => Err(format!("{base}/health/live: {e}")),
+        Ok(Ok(head)) if head.starts_with("HTTP/1.1 200") => Ok(()),
+        Ok(Ok(head)) => Err(format!(
+            "{base}/health/live answered: {}",
+            head.lines().next().unwrap_or("")
+        )),
+    }
+}
+
 /// Completes on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -31,4 +31,11 @@ pub enum Command {
     Migrate,
     /// Print the effective configuration as JSON (secrets masked); fail if it is invalid.
     Config,
+    /// Probe a running node's `/health/live` (exit 0 if it answers 200). Needs no curl, so
+    /// container health checks work on a slim image.
+    Health {
+        /// Base URL of the node. Default: the configured OPENFHIR_HTTP_ADDR (0.0.0.0 as 127.0.0.1).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
 }

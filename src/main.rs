@@ -64,6 +64,22 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 openfhir_cache::store::migrate::latest_version()
             );
         }
+        Command::Health { url } => {
+            let addr = match url {
+                Some(u) => u,
+                None => {
+                    let mut a = config.http.addr;
+                    if a.ip().is_unspecified() {
+                        a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                    }
+                    format!("http://{a}")
+                }
+            };
+            openfhir_cache::app::probe_live(&addr)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{addr}/health/live: live");
+        }
         Command::Config => unreachable!("handled before the runtime starts"),
     }
     Ok(())

@@ -637,6 +637,18 @@ async fn serve_migrates_and_stops_cleanly_on_sigterm() {
     assert_eq!(r.status(), 200);
     assert_eq!(migration_rows(&db).await, expected_migration_rows());
 
+    // `health` (the container HEALTHCHECK) probes /health/live: 0 when up, non-zero when not.
+    let up = run(dir.path(), &["health", "--url", &base], &[]);
+    assert!(up.status.success(), "{}", describe(&up));
+    let down_url = format!("http://127.0.0.1:{}", closed_port());
+    let down = run(dir.path(), &["health", "--url", &down_url], &[]);
+    assert!(!down.status.success(), "{}", describe(&down));
+    assert!(
+        stderr(&down).contains("/health/live"),
+        "{}",
+        describe(&down)
+    );
+
     // Wait until the SIGTERM handler is installed (bounded), then send SIGTERM.
     let pid = node.pid();
     for _ in 0..100 {
