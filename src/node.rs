@@ -80,9 +80,28 @@ impl Node {
         n
     }
 
-    /// Runs after a write committed: evicts locally.
-    async fn committed(&self, change: Change) {
-        self.apply(&change).await;
+    /// Runs a write under an armed eviction: the change is evicted after COMMIT, and also if
+    /// this future is dropped half-way (the write may have committed); not when the write
+    /// certainly changed nothing (conflict, not found, invalid).
+    async fn write<T>(&self, change: Change, write: impl Future<Output = Result<T>>) -> Result<T> {
+        let guard = self.caches.guard(change);
+        match write.await {
+            Ok(v) => {
+                let change = guard.committed().await;
+                tracing::debug!(?change, "committed and evicted");
+                Ok(v)
+            }
+            Err(e) => {
+                let unchanged = matches!(
+                    e.root(),
+                    Error::Conflict(_) | Error::NotFound { .. } | Error::Invalid { .. }
+                ) || e.is_bad_value();
+                if unchanged {
+                    guard.disarm();
+                }
+                Err(e)
+            }
+        }
     }
 
     // ---- tenants ----
@@ -116,13 +135,14 @@ impl Node {
         domain::validate_tenant_id(id)?;
         domain::reject_nul("tenant name", &serde_json::Value::from(name))?;
         domain::reject_nul("tenant config", config)?;
-        let r = self.db.put_tenant(id, name, config).await?;
-        self.committed(Change::Tenant {
-            tenant: id.to_string(),
-            deleted: false,
-        })
-        .await;
-        Ok(r)
+        self.write(
+            Change::Tenant {
+                tenant: id.to_string(),
+                deleted: false,
+            },
+            self.db.put_tenant(id, name, config),
+        )
+        .await
     }
 
     /// Deletes a tenant and everything it owns. The `default` tenant cannot be deleted.
@@ -133,15 +153,19 @@ impl Node {
                 "the default tenant cannot be deleted (zero-config nodes serve it)".into(),
             ));
         }
-        if !self.db.delete_tenant(id).await? {
-            return Err(not_found("tenant", id));
-        }
-        self.committed(Change::Tenant {
-            tenant: id.to_string(),
-            deleted: true,
-        })
-        .await;
-        Ok(())
+        self.write(
+            Change::Tenant {
+                tenant: id.to_string(),
+                deleted: true,
+            },
+            async {
+                if !self.db.delete_tenant(id).await? {
+                    return Err(not_found("tenant", id));
+                }
+                Ok(())
+            },
+        )
+        .await
     }
 
     // ---- OPT ----
@@ -180,28 +204,33 @@ impl Node {
             &t.normalized_id,
             "the OPT's template_id",
         )?;
-        let r = self.db.put_opt(tenant, &t, xml, mode).await?;
-        self.committed(Change::Opt {
-            tenant: tenant.to_string(),
-            template_id: t.normalized_id,
-        })
-        .await;
-        Ok(r)
+        self.write(
+            Change::Opt {
+                tenant: tenant.to_string(),
+                template_id: t.normalized_id.clone(),
+            },
+            self.db.put_opt(tenant, &t, xml, mode),
+        )
+        .await
     }
 
     /// Deletes an OPT.
     pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<()> {
         let id = normalize_template_id(template_id);
         domain::validate_artifact_id("template id", &id)?;
-        if !self.db.delete_opt(tenant, &id).await? {
-            return Err(not_found("OPT", &id));
-        }
-        self.committed(Change::Opt {
-            tenant: tenant.to_string(),
-            template_id: id,
-        })
-        .await;
-        Ok(())
+        self.write(
+            Change::Opt {
+                tenant: tenant.to_string(),
+                template_id: id.clone(),
+            },
+            async {
+                if !self.db.delete_opt(tenant, &id).await? {
+                    return Err(not_found("OPT", &id));
+                }
+                Ok(())
+            },
+        )
+        .await
     }
 
     // ---- FHIR Connect contexts ----
@@ -248,31 +277,36 @@ impl Node {
             &doc.key,
             "context.template.id",
         )?;
-        let r = self
-            .db
-            .put_fc(FcTable::Context, tenant, &doc, utf8(body)?, format, mode)
-            .await?;
-        self.committed(Change::Context {
+        let content = utf8(body)?;
+        let change = Change::Context {
             tenant: tenant.to_string(),
-            template_id: doc.key,
-        })
-        .await;
-        Ok(r)
+            template_id: doc.key.clone(),
+        };
+        self.write(
+            change,
+            self.db
+                .put_fc(FcTable::Context, tenant, &doc, content, format, mode),
+        )
+        .await
     }
 
     /// Deletes a context.
     pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<()> {
         let id = normalize_template_id(template_id);
         domain::validate_artifact_id("template id", &id)?;
-        if !self.db.delete_fc(FcTable::Context, tenant, &id).await? {
-            return Err(not_found("context", &id));
-        }
-        self.committed(Change::Context {
-            tenant: tenant.to_string(),
-            template_id: id,
-        })
-        .await;
-        Ok(())
+        self.write(
+            Change::Context {
+                tenant: tenant.to_string(),
+                template_id: id.clone(),
+            },
+            async {
+                if !self.db.delete_fc(FcTable::Context, tenant, &id).await? {
+                    return Err(not_found("context", &id));
+                }
+                Ok(())
+            },
+        )
+        .await
     }
 
     // ---- FHIR Connect models ----
@@ -302,30 +336,35 @@ impl Node {
     ) -> Result<(FcDocument, Written)> {
         let doc = parse_fc(body, format, FcKind::Model)?;
         check_path_id(path_id, &doc.key, "metadata.name")?;
-        let r = self
-            .db
-            .put_fc(FcTable::Model, tenant, &doc, utf8(body)?, format, mode)
-            .await?;
-        self.committed(Change::Model {
+        let content = utf8(body)?;
+        let change = Change::Model {
             tenant: tenant.to_string(),
-            name: doc.key,
-        })
-        .await;
-        Ok(r)
+            name: doc.key.clone(),
+        };
+        self.write(
+            change,
+            self.db
+                .put_fc(FcTable::Model, tenant, &doc, content, format, mode),
+        )
+        .await
     }
 
     /// Deletes a model.
     pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<()> {
         domain::validate_artifact_id("model name", name)?;
-        if !self.db.delete_fc(FcTable::Model, tenant, name).await? {
-            return Err(not_found("model", name));
-        }
-        self.committed(Change::Model {
-            tenant: tenant.to_string(),
-            name: name.to_string(),
-        })
-        .await;
-        Ok(())
+        self.write(
+            Change::Model {
+                tenant: tenant.to_string(),
+                name: name.to_string(),
+            },
+            async {
+                if !self.db.delete_fc(FcTable::Model, tenant, name).await? {
+                    return Err(not_found("model", name));
+                }
+                Ok(())
+            },
+        )
+        .await
     }
 }
 

@@ -251,6 +251,29 @@ impl Caches {
         t.len()
     }
 
+    /// The synchronous half of [`Caches::apply`]: makes everything the change touches
+    /// unservable at once, without awaiting (see [`VersionedCache::invalidate_now`]).
+    pub fn invalidate_now(&self, change: &Change) {
+        for (cache, scope) in targets(change) {
+            match cache {
+                CacheName::Opt => self.opt.invalidate_now(&scope),
+                CacheName::Context => self.context.invalidate_now(&scope),
+                CacheName::AllContexts => self.all_contexts.invalidate_now(&scope),
+                CacheName::Tenant => self.tenant.invalidate_now(&scope),
+            }
+        }
+    }
+
+    /// Arms an eviction for a write about to be made. Call [`EvictGuard::committed`] after
+    /// COMMIT; if the write's future is dropped first (client gone, timeout) the guard still
+    /// invalidates on drop, because the write may have committed.
+    pub fn guard(&self, change: Change) -> EvictGuard<'_> {
+        EvictGuard {
+            caches: self,
+            change: Some(change),
+        }
+    }
+
     /// Statistics of every cache.
     pub async fn report(&self) -> Vec<CacheReport> {
         let mut out = Vec::with_capacity(CacheName::ALL.len());
@@ -271,6 +294,38 @@ impl Caches {
             });
         }
         out
+    }
+}
+
+/// See [`Caches::guard`].
+#[must_use = "an unused guard invalidates at once"]
+pub struct EvictGuard<'a> {
+    caches: &'a Caches,
+    change: Option<Change>,
+}
+
+impl EvictGuard<'_> {
+    /// The write committed: evict now, completely.
+    pub async fn committed(mut self) -> Change {
+        let change = self
+            .change
+            .take()
+            .expect("armed until committed or dropped");
+        self.caches.apply(&change).await;
+        change
+    }
+
+    /// The write certainly changed nothing (e.g. a conflict): evict nothing.
+    pub fn disarm(mut self) {
+        self.change = None;
+    }
+}
+
+impl Drop for EvictGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(change) = self.change.take() {
+            self.caches.invalidate_now(&change);
+        }
     }
 }
 
@@ -370,5 +425,41 @@ mod tests {
         };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(serde_json::from_str::<Change>(&s).unwrap(), c);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_guard_still_invalidates() {
+        let caches = Caches::new(&crate::config::Config::default().cache);
+        let tenant = || async {
+            Ok(crate::domain::Tenant {
+                id: "a".into(),
+                name: "A".into(),
+                config: serde_json::json!({}),
+                created: time::OffsetDateTime::UNIX_EPOCH,
+                updated: time::OffsetDateTime::UNIX_EPOCH,
+            })
+        };
+        caches.tenant.get_or_load("a", None, tenant).await.unwrap();
+        assert!(caches.tenant.contains("a", None).await);
+        let change = Change::Tenant {
+            tenant: "a".into(),
+            deleted: false,
+        };
+
+        // A write whose future is dropped after arming (e.g. the client went away after COMMIT).
+        drop(caches.guard(change.clone()));
+        assert!(
+            !caches.tenant.contains("a", None).await,
+            "dropped guard made the entry unservable"
+        );
+
+        caches.tenant.get_or_load("a", None, tenant).await.unwrap();
+        caches.guard(change.clone()).disarm();
+        assert!(
+            caches.tenant.contains("a", None).await,
+            "a disarmed guard evicts nothing"
+        );
+        assert_eq!(caches.guard(change.clone()).committed().await, change);
+        assert!(!caches.tenant.contains("a", None).await);
     }
 }

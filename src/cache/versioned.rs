@@ -269,21 +269,36 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
         self.load_counted(load).await.map(Arc::new)
     }
 
+    /// Makes every entry in `scope` unservable at once, synchronously: bumps the generation only.
+    /// The entries themselves are dropped later (by the async `evict_*`, or on their next read).
+    /// Usable from `Drop`, which is what makes evictions survive a cancelled request.
+    pub fn invalidate_now(&self, scope: &super::Scope) {
+        let counter = match scope {
+            super::Scope::Key { tenant, id } => {
+                let key = cache_key(tenant, id.as_deref());
+                &self.gens.keys[Self::slots(tenant, &key).key]
+            }
+            super::Scope::Tenant(tenant) => &self.gens.tenants[stripe(tenant)],
+            super::Scope::All => &self.gens.epoch,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Evicts one key; a load of it in flight right now will not be served from cache.
     pub async fn evict_key(&self, tenant: &str, id: Option<&str>) {
-        let key = cache_key(tenant, id);
-        let slots = Self::slots(tenant, &key);
-        self.gens.keys[slots.key].fetch_add(1, Ordering::SeqCst);
-        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        self.invalidate_now(&super::Scope::Key {
+            tenant: tenant.to_string(),
+            id: id.map(str::to_string),
+        });
         if let Some(inner) = &self.inner {
-            inner.invalidate(&key).await;
+            inner.invalidate(&cache_key(tenant, id)).await;
         }
     }
 
     /// Evicts every entry of `tenant`.
     pub async fn evict_tenant(&self, tenant: &str) {
-        self.gens.tenants[stripe(tenant)].fetch_add(1, Ordering::SeqCst);
-        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        self.invalidate_now(&super::Scope::Tenant(tenant.to_string()));
         if let Some(inner) = &self.inner {
             let prefix = format!("{tenant}:");
             let keys: Vec<Arc<String>> = inner
@@ -299,8 +314,7 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
 
     /// Evicts everything.
     pub async fn evict_all(&self) {
-        self.gens.epoch.fetch_add(1, Ordering::SeqCst);
-        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        self.invalidate_now(&super::Scope::All);
         if let Some(inner) = &self.inner {
             inner.invalidate_all();
         }
