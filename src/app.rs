@@ -26,6 +26,7 @@ pub struct Running {
     pub node: Arc<Node>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
@@ -35,6 +36,9 @@ impl Running {
             let _ = stop.send(());
         }
         let r = (&mut self.server).await;
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
         self.node.db().close();
         match r {
             Ok(Ok(())) => Ok(()),
@@ -75,6 +79,10 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
             tracing::info!("schema up to date");
         }
     }
+    // The cursor starts at "now" before anything is cached or served: every later change is
+    // then either seen by a load or replayed by catch-up.
+    node.invalidator().init(&node).await?;
+    let tasks = spawn_invalidation(&node);
     let listener = tokio::net::TcpListener::bind(cfg.http.addr)
         .await
         .map_err(|source| Error::Bind {
@@ -110,10 +118,12 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
         node,
         stop: Some(stop),
         server,
+        tasks,
     })
 }
 
-fn unreachable(cfg: &Config, e: &Error) -> Error {
+/// The one-line "cannot reach the database" error: URL (password masked), cause, how to fix.
+pub fn unreachable(cfg: &Config, e: &Error) -> Error {
     let default = crate::config::VARS
         .iter()
         .find(|v| v.env == "DATABASE_URL")
@@ -139,6 +149,58 @@ fn unreachable(cfg: &Config, e: &Error) -> Error {
         cause,
         hint: hint.to_string(),
     }
+}
+
+/// How often the log is pruned (by whichever node gets the advisory lock).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts the LISTEN connection (unless `OPENFHIR_PG_NOTIFY=false`) and the catch-up and
+/// pruning loop.
+pub fn spawn_invalidation(node: &Arc<Node>) -> Vec<JoinHandle<()>> {
+    let cfg = node.config().invalidation.clone();
+    let mut tasks = Vec::new();
+    if cfg.pg_notify {
+        tasks.push(tokio::spawn(crate::notify::run(node.clone())));
+    } else {
+        tracing::info!("OPENFHIR_PG_NOTIFY=false: not listening for database notifications");
+    }
+    let node = node.clone();
+    tasks.push(tokio::spawn(async move {
+        let every = match cfg.catchup_interval_ms {
+            0 => PRUNE_EVERY,
+            ms => std::time::Duration::from_millis(ms),
+        };
+        let retention = std::time::Duration::from_secs(cfg.retention_secs);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_prune: Option<tokio::time::Instant> = None;
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            if cfg.catchup_interval_ms > 0 {
+                match node.catch_up().await {
+                    Ok(_) if failing => {
+                        failing = false;
+                        tracing::info!("catch-up works again");
+                    }
+                    Ok(_) => {}
+                    // Logged once per outage, not once per interval.
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "catch-up failed; retrying every interval");
+                    }
+                    Err(_) => {}
+                }
+            }
+            if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                last_prune = Some(tokio::time::Instant::now());
+                if let Err(e) = node.invalidator().prune(&node, retention).await {
+                    tracing::debug!(error = %e, "pruning the invalidation log failed");
+                }
+            }
+        }
+    }));
+    tasks
 }
 
 /// Probes `GET {base}/health/live` with a plain HTTP/1.1 request (3 s limit); `Ok` on 200.

@@ -60,6 +60,14 @@ pub const VARS: &[Var] = &[
           doc: "Largest accepted request body in bytes (default 16 MiB; real OPTs reach 3 MB). Larger bodies get 413." },
     Var { env: "OPENFHIR_REQUEST_TIMEOUT_SECS", key: "http.request_timeout_secs", default: "30",
           doc: "A request that takes longer than this many seconds is answered 408 and its resources freed." },
+    Var { env: "OPENFHIR_PG_NOTIFY", key: "invalidation.pg_notify", default: "true",
+          doc: "LISTEN for the database's invalidation notifications (the fallback channel): true or false." },
+    Var { env: "OPENFHIR_CATCHUP_INTERVAL_MS", key: "invalidation.catchup_interval_ms", default: "1000",
+          doc: "Replay the invalidation log every this many milliseconds (0 = only on reconnect and on demand)." },
+    Var { env: "OPENFHIR_INVALIDATION_RETENTION", key: "invalidation.retention_secs", default: "86400",
+          doc: "Seconds the invalidation log keeps rows; a node whose cursor is older flushes its caches." },
+    Var { env: "OPENFHIR_CONSISTENCY_WAIT_MS", key: "invalidation.consistency_wait_ms", default: "5000",
+          doc: "How long a read with X-Consistency-Token waits for this node to catch up before answering 504." },
     Var { env: "OPENFHIR_LOG_FORMAT", key: "log.format", default: "text",
           doc: "Log format: text or json. The level comes from RUST_LOG (default info)." },
 ];
@@ -245,6 +253,11 @@ impl FromStr for HostPort {
         } else {
             if host.is_empty() {
                 return Err(format!("'{e}': host is empty; {form}"));
+            }
+            if host.contains(':') {
+                return Err(format!(
+                    "'{e}': write an IPv6 host in brackets, e.g. [{host}][{port}]"
+                ));
             }
             if host.parse::<IpAddr>().is_err() && !is_dns_name(host) {
                 return Err(format!(
@@ -496,6 +509,19 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
 }
 
+/// The database invalidation channel: LISTEN/NOTIFY and log catch-up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvalidationConfig {
+    /// `OPENFHIR_PG_NOTIFY`.
+    pub pg_notify: bool,
+    /// `OPENFHIR_CATCHUP_INTERVAL_MS`: 0 = no periodic catch-up.
+    pub catchup_interval_ms: u64,
+    /// `OPENFHIR_INVALIDATION_RETENTION`, in seconds.
+    pub retention_secs: u64,
+    /// `OPENFHIR_CONSISTENCY_WAIT_MS`.
+    pub consistency_wait_ms: u64,
+}
+
 /// Logging settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LogConfig {
@@ -514,6 +540,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// HTTP API.
     pub http: HttpConfig,
+    /// Database invalidation channel.
+    pub invalidation: InvalidationConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -617,6 +645,24 @@ impl Config {
                 parse_range(s, 1, 3600, "a number of seconds").map(|n| n as u64)
             })?,
         };
+        let invalidation = InvalidationConfig {
+            pg_notify: raw.parse("invalidation.pg_notify", |s| {
+                match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => Ok(true),
+                    "false" | "0" | "no" | "off" => Ok(false),
+                    _ => Err("expected true or false".to_string()),
+                }
+            })?,
+            catchup_interval_ms: raw.parse("invalidation.catchup_interval_ms", |s| {
+                parse_range(s, 0, 3_600_000, "a number of milliseconds").map(|n| n as u64)
+            })?,
+            retention_secs: raw.parse("invalidation.retention_secs", |s| {
+                parse_range(s, 1, 365 * 24 * 3600, "a number of seconds").map(|n| n as u64)
+            })?,
+            consistency_wait_ms: raw.parse("invalidation.consistency_wait_ms", |s| {
+                parse_range(s, 0, 600_000, "a number of milliseconds").map(|n| n as u64)
+            })?,
+        };
         let log = LogConfig {
             format: raw.parse("log.format", |s| {
                 match s.trim().to_ascii_lowercase().as_str() {
@@ -631,6 +677,7 @@ impl Config {
             cluster,
             database,
             http,
+            invalidation,
             log,
         })
     }
@@ -946,6 +993,7 @@ mod tests {
         assert_eq!(h[2].to_string(), "[::1][7802]");
         for bad in [
             "node-1:7800",
+            "::1[7800]",
             "node-1[0]",
             "node-1[70000]",
             "[7800]",

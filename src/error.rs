@@ -115,7 +115,11 @@ impl Error {
                 None => true,
                 // 08 connection exception, 53 insufficient resources, 57 operator intervention
                 // (e.g. shutdown), 58 system error.
-                Some(c) => matches!(&c.code()[..2], "08" | "53" | "57" | "58"),
+                // 42P01 undefined table / 3D000 no such database: not migrated or not there yet.
+                Some(c) => {
+                    matches!(&c.code()[..2], "08" | "53" | "57" | "58")
+                        || matches!(c.code(), "42P01" | "3D000")
+                }
             },
             Error::Pool(_) | Error::Migration { .. } | Error::DatabaseUnreachable { .. } => true,
             _ => false,

@@ -21,11 +21,13 @@
 pub mod api;
 pub mod app;
 pub mod cache;
+pub mod catchup;
 pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod node;
+pub mod notify;
 pub mod store;
 
 pub use config::Config;

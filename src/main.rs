@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
 use openfhir_cache::cli::{Cli, Command};
 use openfhir_cache::config::{Config, LogFormat, Sources};
@@ -54,10 +53,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!("stopped");
         }
         Command::Migrate => {
-            let db = Db::new(&config.database)?;
-            db.check()
-                .await
-                .with_context(|| format!("cannot reach the database at {}", config.database.url))?;
+            let db = Db::new(&config.database, "openfhir-cache/migrate")?;
+            if let Err(e) = db.check().await {
+                return Err(app::unreachable(&config, &e).into());
+            }
             let applied = db.migrate().await?;
             println!(
                 "applied migrations: {applied:?} (schema version {})",

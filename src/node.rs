@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use crate::cache::{CacheName, Caches, Change};
+use crate::catchup::{Invalidator, StepReport};
 use crate::config::Config;
 use crate::domain::{
     self, normalize_template_id, parse_fc, parse_opt, FcDocument, FcFormat, FcKind, OptDocument,
@@ -23,6 +24,8 @@ pub type LoadHook =
 
 /// One node's cached view of the store.
 pub struct Node {
+    id: String,
+    invalidator: Invalidator,
     config: Config,
     db: Db,
     caches: Caches,
@@ -32,9 +35,12 @@ pub struct Node {
 impl Node {
     /// Builds a node from its configuration. No connection is made yet.
     pub fn new(config: Config) -> Result<Node> {
-        let db = Db::new(&config.database)?;
+        let id = new_node_id();
+        let db = Db::new(&config.database, &format!("openfhir-cache/{id}"))?;
         let caches = Caches::new(&config.cache);
         Ok(Node {
+            id,
+            invalidator: Invalidator::default(),
             config,
             db,
             caches,
@@ -55,6 +61,28 @@ impl Node {
             hook(cache, key).await;
         }
         value
+    }
+
+    /// This node's id: `<host>-<random>`, new at every start. The database records it as the
+    /// origin of the changes this node writes.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The database invalidation channel (cursor, catch-up, statistics).
+    pub fn invalidator(&self) -> &Invalidator {
+        &self.invalidator
+    }
+
+    /// Runs one catch-up step now.
+    pub async fn catch_up(&self) -> Result<StepReport> {
+        self.invalidator.step(self).await
+    }
+
+    /// Waits until this node has applied every change of transaction `xid` (a consistency
+    /// token), catching up at once if it is behind; `false` when `wait` runs out.
+    pub async fn await_token(&self, xid: u64, wait: std::time::Duration) -> Result<bool> {
+        self.invalidator.await_xid(self, xid, wait).await
     }
 
     /// The configuration it runs with.
@@ -146,7 +174,7 @@ impl Node {
     }
 
     /// Deletes a tenant and everything it owns. The `default` tenant cannot be deleted.
-    pub async fn delete_tenant(&self, id: &str) -> Result<()> {
+    pub async fn delete_tenant(&self, id: &str) -> Result<u64> {
         domain::validate_tenant_id(id)?;
         if id == domain::DEFAULT_TENANT {
             return Err(Error::Conflict(
@@ -159,10 +187,10 @@ impl Node {
                 deleted: true,
             },
             async {
-                if !self.db.delete_tenant(id).await? {
-                    return Err(not_found("tenant", id));
-                }
-                Ok(())
+                self.db
+                    .delete_tenant(id)
+                    .await?
+                    .ok_or_else(|| not_found("tenant", id))
             },
         )
         .await
@@ -215,7 +243,7 @@ impl Node {
     }
 
     /// Deletes an OPT.
-    pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<()> {
+    pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<u64> {
         let id = normalize_template_id(template_id);
         domain::validate_artifact_id("template id", &id)?;
         self.write(
@@ -224,10 +252,10 @@ impl Node {
                 template_id: id.clone(),
             },
             async {
-                if !self.db.delete_opt(tenant, &id).await? {
-                    return Err(not_found("OPT", &id));
-                }
-                Ok(())
+                self.db
+                    .delete_opt(tenant, &id)
+                    .await?
+                    .ok_or_else(|| not_found("OPT", &id))
             },
         )
         .await
@@ -291,7 +319,7 @@ impl Node {
     }
 
     /// Deletes a context.
-    pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<()> {
+    pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<u64> {
         let id = normalize_template_id(template_id);
         domain::validate_artifact_id("template id", &id)?;
         self.write(
@@ -300,10 +328,10 @@ impl Node {
                 template_id: id.clone(),
             },
             async {
-                if !self.db.delete_fc(FcTable::Context, tenant, &id).await? {
-                    return Err(not_found("context", &id));
-                }
-                Ok(())
+                self.db
+                    .delete_fc(FcTable::Context, tenant, &id)
+                    .await?
+                    .ok_or_else(|| not_found("context", &id))
             },
         )
         .await
@@ -350,7 +378,7 @@ impl Node {
     }
 
     /// Deletes a model.
-    pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<()> {
+    pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<u64> {
         domain::validate_artifact_id("model name", name)?;
         self.write(
             Change::Model {
@@ -358,10 +386,10 @@ impl Node {
                 name: name.to_string(),
             },
             async {
-                if !self.db.delete_fc(FcTable::Model, tenant, name).await? {
-                    return Err(not_found("model", name));
-                }
-                Ok(())
+                self.db
+                    .delete_fc(FcTable::Model, tenant, name)
+                    .await?
+                    .ok_or_else(|| not_found("model", name))
             },
         )
         .await
@@ -387,4 +415,29 @@ fn check_path_id(path_id: Option<&str>, doc_id: &str, field: &str) -> Result<()>
         )),
         _ => Ok(()),
     }
+}
+
+/// `<host>-<8 hex digits>`: readable in logs, unique per start.
+fn new_node_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(40)
+                .collect::<String>()
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_string());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("{host}-{:08x}", h.finish() as u32)
 }

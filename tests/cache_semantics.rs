@@ -28,9 +28,15 @@ async fn sql_set_marker(app: &common::TestApp, id: &str, marker: &str) {
     assert_eq!(n, 1);
 }
 
+/// The database invalidation channels off, so only TTL and explicit eviction act.
+const NO_DB_CHANNELS: [(&str, &str); 2] = [
+    ("OPENFHIR_PG_NOTIFY", "false"),
+    ("OPENFHIR_CATCHUP_INTERVAL_MS", "0"),
+];
+
 #[tokio::test]
 async fn infinite_ttl_serves_from_memory_until_evicted() {
-    let app = spawn_app().await;
+    let app = spawn_with(&NO_DB_CHANNELS).await;
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,
@@ -46,7 +52,8 @@ async fn infinite_ttl_serves_from_memory_until_evicted() {
     assert!(s.stats.hits >= 20);
     assert_eq!(s.ttl, -1);
 
-    // A change behind the node's back is not seen: TTL -1 never expires...
+    // With the database channels off, a change behind the node's back is not seen: TTL -1
+    // never expires...
     sql_set_marker(&app, "growth_chart", "v2").await;
     assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
     // ...until an explicit eviction.
@@ -87,7 +94,12 @@ async fn ttl_zero_goes_to_the_database_every_time() {
 
 #[tokio::test]
 async fn ttl_n_expires_after_write() {
-    let app = spawn_with(&[("OPENFHIR_CACHE_OPT_TTL", "1")]).await;
+    let app = spawn_with(&[
+        ("OPENFHIR_CACHE_OPT_TTL", "1"),
+        NO_DB_CHANNELS[0],
+        NO_DB_CHANNELS[1],
+    ])
+    .await;
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,

@@ -1733,7 +1733,12 @@ async fn metrics_are_prometheus_text() {
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
         let (series, value) = l.rsplit_once(' ').unwrap();
-        assert!(series.contains('{') && series.ends_with('}'), "{l}");
+        let name = series.split('{').next().unwrap();
+        assert!(
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "{l}"
+        );
+        assert!(!series.contains('{') || series.ends_with('}'), "{l}");
         value
             .parse::<f64>()
             .unwrap_or_else(|_| panic!("not a number: {l}"));

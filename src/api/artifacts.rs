@@ -10,14 +10,17 @@ use axum::Json;
 use bytes::Bytes;
 use serde_json::json;
 
-use super::{body, fc_format, require_xml, wants_yaml, ApiError, ApiResult, AppState, TenantId};
+use super::{
+    body, fc_format, require_xml, wants_yaml, with_token, ApiError, ApiResult, AppState, TenantId,
+};
 use crate::domain::{FcDocument, FcFormat};
 use crate::store::{WriteMode, Written};
 
 fn status(w: Written) -> StatusCode {
-    match w {
-        Written::Created => StatusCode::CREATED,
-        Written::Replaced => StatusCode::OK,
+    if w.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
     }
 }
 
@@ -48,7 +51,10 @@ pub async fn create_opt(
     let (summary, w) = node
         .put_opt(&t, xml_text(&b)?, None, WriteMode::Create)
         .await?;
-    Ok((status(w), Json(summary)).into_response())
+    Ok(with_token(
+        (status(w), Json(summary)).into_response(),
+        w.xid,
+    ))
 }
 
 pub async fn put_opt(
@@ -63,7 +69,10 @@ pub async fn put_opt(
     let (summary, w) = node
         .put_opt(&t, xml_text(&b)?, Some(&id), WriteMode::Upsert)
         .await?;
-    Ok((status(w), Json(summary)).into_response())
+    Ok(with_token(
+        (status(w), Json(summary)).into_response(),
+        w.xid,
+    ))
 }
 
 pub async fn get_opt(
@@ -82,7 +91,7 @@ pub async fn get_opt(
     }
     Ok((
         [(header::CONTENT_TYPE, "application/xml")],
-        opt.content.to_string(),
+        opt.content.clone(),
     )
         .into_response())
 }
@@ -91,9 +100,9 @@ pub async fn delete_opt(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
-    node.delete_opt(&t, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> ApiResult<Response> {
+    let xid = node.delete_opt(&t, &id).await?;
+    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
 }
 
 // ---- FHIR Connect: shared response shapes ----
@@ -140,7 +149,7 @@ fn listing(docs: &[Arc<FcDocument>], headers: &HeaderMap) -> ApiResult<Response>
 }
 
 fn written(doc: FcDocument, w: Written) -> Response {
-    (status(w), Json(json!(doc))).into_response()
+    with_token((status(w), Json(json!(doc))).into_response(), w.xid)
 }
 
 // ---- contexts ----
@@ -195,9 +204,9 @@ pub async fn delete_context(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
-    node.delete_context(&t, &id).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> ApiResult<Response> {
+    let xid = node.delete_context(&t, &id).await?;
+    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
 }
 
 // ---- models ----
@@ -251,7 +260,7 @@ pub async fn delete_model(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     Path(name): Path<String>,
-) -> ApiResult<StatusCode> {
-    node.delete_model(&t, &name).await?;
-    Ok(StatusCode::NO_CONTENT)
+) -> ApiResult<Response> {
+    let xid = node.delete_model(&t, &name).await?;
+    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
 }

@@ -24,6 +24,49 @@ pub use error::{ApiError, ApiResult};
 use crate::domain::{self, FcFormat};
 use crate::node::Node;
 
+/// Header carrying a write's consistency token (its transaction id); a read that sends it back,
+/// on any node, is served only after that node applied the write's invalidations.
+pub const TOKEN_HEADER: &str = "x-consistency-token";
+
+/// Adds the consistency token to a write's response.
+fn with_token(mut r: Response, xid: u64) -> Response {
+    if let Ok(v) = header::HeaderValue::from_str(&xid.to_string()) {
+        r.headers_mut().insert(TOKEN_HEADER, v);
+    }
+    r
+}
+
+/// Read-your-writes: a request carrying `X-Consistency-Token` waits until this node has applied
+/// the invalidations of that write (catching up at once), or answers 504 after
+/// `OPENFHIR_CONSISTENCY_WAIT_MS`.
+async fn consistency(State(node): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(v) = req.headers().get(TOKEN_HEADER) else {
+        return next.run(req).await;
+    };
+    let Some(xid) = v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) else {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid X-Consistency-Token",
+            vec!["send back the X-Consistency-Token of a write response (a number)".into()],
+        )
+        .into_response();
+    };
+    let wait = Duration::from_millis(node.config().invalidation.consistency_wait_ms);
+    match node.await_token(xid, wait).await {
+        Ok(true) => next.run(req).await,
+        Ok(false) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "this node has not caught up with the write yet",
+            vec![format!(
+                "waited {} ms (OPENFHIR_CONSISTENCY_WAIT_MS); retry, or read from another node",
+                wait.as_millis()
+            )],
+        )
+        .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
 /// Header naming the tenant of a request; absent means `default`.
 pub const TENANT_HEADER: &str = "x-tenant-id";
 
@@ -69,6 +112,7 @@ pub fn router(node: Arc<Node>) -> Router {
             "/tenants/{id}",
             get(tenants::get).put(tenants::put).delete(tenants::delete),
         )
+        .route("/cluster", get(ops::cluster))
         .route("/caches", get(ops::caches))
         .route("/caches/evict", post(ops::evict))
         .route("/metrics", get(ops::metrics))
@@ -76,6 +120,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", vec![]) })
+        .layer(middleware::from_fn_with_state(node.clone(), consistency))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))

@@ -15,6 +15,17 @@ use super::{body, parse_json, ApiError, ApiResult, AppState};
 use crate::cache::{Change, Group};
 use crate::domain;
 
+/// This node and its invalidation channels.
+pub async fn cluster(State(node): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "node": {
+            "id": node.id(),
+            "version": env!("CARGO_PKG_VERSION"),
+        },
+        "invalidation": node.invalidator().report(),
+    }))
+}
+
 pub async fn caches(State(node): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "caches": node.caches().report().await }))
 }
@@ -167,6 +178,72 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
             r.cache.as_str(),
             r.ttl
         );
+    }
+    let inv = node.invalidator().report();
+    let counters = [
+        (
+            "openfhir_invalidation_notifications_total",
+            "NOTIFY payloads received.",
+            inv.notifications,
+        ),
+        (
+            "openfhir_invalidation_bad_notifications_total",
+            "NOTIFY payloads that could not be parsed.",
+            inv.bad_notifications,
+        ),
+        (
+            "openfhir_invalidation_catchup_steps_total",
+            "Catch-up steps run.",
+            inv.catchup_steps,
+        ),
+        (
+            "openfhir_invalidation_catchup_failures_total",
+            "Catch-up steps that failed.",
+            inv.catchup_failures,
+        ),
+        (
+            "openfhir_invalidation_duplicates_total",
+            "Invalidations delivered again by another channel.",
+            inv.duplicates,
+        ),
+        (
+            "openfhir_invalidation_horizon_flushes_total",
+            "Flushes because the cursor fell behind retention.",
+            inv.horizon_flushes,
+        ),
+        (
+            "openfhir_invalidation_listener_reconnects_total",
+            "Listener reconnections.",
+            inv.listener_reconnects,
+        ),
+        (
+            "openfhir_invalidation_pruned_rows_total",
+            "Log rows pruned by this node.",
+            inv.pruned_rows,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    let _ = writeln!(out, "# HELP openfhir_invalidation_first_total Invalidations by the channel that delivered them first.\n# TYPE openfhir_invalidation_first_total counter");
+    let _ = writeln!(
+        out,
+        "openfhir_invalidation_first_total{{channel=\"notify\"}} {}",
+        inv.first_by_notify
+    );
+    let _ = writeln!(
+        out,
+        "openfhir_invalidation_first_total{{channel=\"catchup\"}} {}",
+        inv.first_by_catchup
+    );
+    let _ = writeln!(out, "# HELP openfhir_invalidation_log_head Highest invalidation log position seen.\n# TYPE openfhir_invalidation_log_head gauge\nopenfhir_invalidation_log_head {}", inv.log_head);
+    let listening = u8::from(inv.listener == crate::catchup::ListenerState::Listening);
+    let _ = writeln!(out, "# HELP openfhir_invalidation_listener_up 1 while the LISTEN connection is up.\n# TYPE openfhir_invalidation_listener_up gauge\nopenfhir_invalidation_listener_up {listening}");
+    if let Some(ms) = inv.ms_since_last_catchup {
+        let _ = writeln!(out, "# HELP openfhir_invalidation_catchup_age_ms Milliseconds since the last successful catch-up.\n# TYPE openfhir_invalidation_catchup_age_ms gauge\nopenfhir_invalidation_catchup_age_ms {ms}");
     }
     let (size, idle) = node.db().pool_status();
     let _ = writeln!(out, "# HELP openfhir_db_pool_connections Pooled database connections.\n# TYPE openfhir_db_pool_connections gauge");

@@ -8,8 +8,7 @@ use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::{body, parse_json, ApiError, ApiResult, AppState};
-use crate::store::Written;
+use super::{body, parse_json, with_token, ApiError, ApiResult, AppState};
 
 /// Body of `PUT /tenants/{id}`.
 #[derive(Debug, Deserialize)]
@@ -55,15 +54,15 @@ pub async fn put(
     }
     let name = req.name.unwrap_or_else(|| id.clone());
     let (tenant, w) = node.put_tenant(&id, &name, &config).await?;
-    let status = if w == Written::Created {
+    let status = if w.created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(tenant)).into_response())
+    Ok(with_token((status, Json(tenant)).into_response(), w.xid))
 }
 
-pub async fn delete(State(node): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    node.delete_tenant(&id).await?;
-    Ok(StatusCode::NO_CONTENT)
+pub async fn delete(State(node): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
+    let xid = node.delete_tenant(&id).await?;
+    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
 }

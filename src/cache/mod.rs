@@ -113,6 +113,16 @@ pub enum Change {
         /// True when the tenant and its artifacts are gone.
         deleted: bool,
     },
+    /// A change in a table an embedding application put under invalidation
+    /// (`openfhir_track_table`), for the cache group it registered ([`Caches::register_group`]).
+    Custom {
+        /// The group name given to `openfhir_track_table`.
+        group: String,
+        /// Tenant, or `None` for every tenant (TRUNCATE).
+        tenant: Option<String>,
+        /// Key (key columns joined with `:`), or `None` for every key.
+        key: Option<String>,
+    },
     /// An explicit eviction: a group (or all groups), optionally narrowed to a tenant and a key.
     Evict {
         /// `None`: every group.
@@ -168,7 +178,7 @@ pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
             (CacheName::Context, key(tenant, template_id)),
             (CacheName::AllContexts, tenant_key(tenant)),
         ],
-        Change::Model { .. } => vec![],
+        Change::Model { .. } | Change::Custom { .. } => vec![],
         Change::Tenant {
             tenant,
             deleted: false,
@@ -200,6 +210,65 @@ pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
     }
 }
 
+impl Change {
+    /// The change a row of `openfhir_invalidation_log` (or its NOTIFY payload) describes.
+    /// A row without a tenant is a TRUNCATE: a flush of the group.
+    pub fn from_log(
+        group: &str,
+        tenant: Option<&str>,
+        key: Option<&str>,
+        operation: &str,
+    ) -> Change {
+        let owned = |s: &str| s.to_string();
+        match (group, tenant, key) {
+            ("opt", Some(t), Some(k)) => Change::Opt {
+                tenant: owned(t),
+                template_id: owned(k),
+            },
+            ("context", Some(t), Some(k)) => Change::Context {
+                tenant: owned(t),
+                template_id: owned(k),
+            },
+            ("model", Some(t), Some(k)) => Change::Model {
+                tenant: owned(t),
+                name: owned(k),
+            },
+            ("tenant", Some(t), _) => Change::Tenant {
+                tenant: owned(t),
+                deleted: operation == "DELETE",
+            },
+            ("opt", _, _) => Change::Evict {
+                group: Some(Group::Opt),
+                tenant: tenant.map(owned),
+                key: None,
+            },
+            ("context" | "model", _, _) => Change::Evict {
+                group: Some(Group::FhirConnect),
+                tenant: tenant.map(owned),
+                key: None,
+            },
+            ("tenant", None, _) => Change::Evict {
+                group: None,
+                tenant: None,
+                key: None,
+            },
+            (other, _, _) => Change::Custom {
+                group: owned(other),
+                tenant: tenant.map(owned),
+                key: key.map(owned),
+            },
+        }
+    }
+}
+
+/// A cache group of an embedding application, invalidated like the built-in ones by changes to
+/// the tables it tracks with `openfhir_track_table` (see [`Caches::register_group`]).
+pub trait CustomGroup: Send + Sync {
+    /// Invalidate `key` of `tenant`; `None` means every key, or every tenant. Must not block;
+    /// [`VersionedCache::invalidate_now`] is the intended building block.
+    fn invalidate(&self, tenant: Option<&str>, key: Option<&str>);
+}
+
 /// Every cache of the node.
 pub struct Caches {
     /// `tenant:templateId` -> OPT.
@@ -210,6 +279,7 @@ pub struct Caches {
     pub all_contexts: VersionedCache<Vec<Arc<FcDocument>>>,
     /// `tenant` -> tenant record.
     pub tenant: VersionedCache<Tenant>,
+    custom: std::sync::RwLock<std::collections::HashMap<String, Arc<dyn CustomGroup>>>,
 }
 
 /// One row of `GET /caches`.
@@ -234,18 +304,40 @@ impl Caches {
             context: VersionedCache::new("context", cfg.fhir_connect_ttl),
             all_contexts: VersionedCache::new("all_contexts", cfg.fhir_connect_ttl),
             tenant: VersionedCache::new("tenant", cfg.tenant_ttl),
+            custom: Default::default(),
+        }
+    }
+
+    /// Registers an application's cache group under `name` (the name given to
+    /// `openfhir_track_table`). Changes to its tables then reach it from every channel.
+    pub fn register_group(&self, name: &str, group: Arc<dyn CustomGroup>) {
+        if let Ok(mut m) = self.custom.write() {
+            m.insert(name.to_string(), group);
+        }
+    }
+
+    fn apply_custom(&self, change: &Change) {
+        if let Change::Custom { group, tenant, key } = change {
+            let g = self.custom.read().ok().and_then(|m| m.get(group).cloned());
+            match g {
+                Some(g) => g.invalidate(tenant.as_deref(), key.as_deref()),
+                None => tracing::debug!(group, "change for an unregistered cache group ignored"),
+            }
         }
     }
 
     /// Applies a change through [`targets`]; returns how many (cache, scope) pairs it evicted.
     pub async fn apply(&self, change: &Change) -> usize {
+        // Every target becomes unservable before the first await, so a caller cancelled
+        // half-way cannot leave one of them stale; purging only frees memory.
+        self.invalidate_now(change);
         let t = targets(change);
         for (cache, scope) in &t {
             match cache {
-                CacheName::Opt => evict(&self.opt, scope).await,
-                CacheName::Context => evict(&self.context, scope).await,
-                CacheName::AllContexts => evict(&self.all_contexts, scope).await,
-                CacheName::Tenant => evict(&self.tenant, scope).await,
+                CacheName::Opt => self.opt.purge(scope).await,
+                CacheName::Context => self.context.purge(scope).await,
+                CacheName::AllContexts => self.all_contexts.purge(scope).await,
+                CacheName::Tenant => self.tenant.purge(scope).await,
             }
         }
         t.len()
@@ -254,6 +346,7 @@ impl Caches {
     /// The synchronous half of [`Caches::apply`]: makes everything the change touches
     /// unservable at once, without awaiting (see [`VersionedCache::invalidate_now`]).
     pub fn invalidate_now(&self, change: &Change) {
+        self.apply_custom(change);
         for (cache, scope) in targets(change) {
             match cache {
                 CacheName::Opt => self.opt.invalidate_now(&scope),
@@ -326,14 +419,6 @@ impl Drop for EvictGuard<'_> {
         if let Some(change) = self.change.take() {
             self.caches.invalidate_now(&change);
         }
-    }
-}
-
-async fn evict<V: Send + Sync + 'static>(c: &VersionedCache<V>, scope: &Scope) {
-    match scope {
-        Scope::Key { tenant, id } => c.evict_key(tenant, id.as_deref()).await,
-        Scope::Tenant(t) => c.evict_tenant(t).await,
-        Scope::All => c.evict_all().await,
     }
 }
 
@@ -461,5 +546,69 @@ mod tests {
         );
         assert_eq!(caches.guard(change.clone()).committed().await, change);
         assert!(!caches.tenant.contains("a", None).await);
+    }
+
+    #[test]
+    fn log_rows_map_to_changes() {
+        assert_eq!(
+            Change::from_log("opt", Some("a"), Some("t"), "UPDATE"),
+            Change::Opt {
+                tenant: "a".into(),
+                template_id: "t".into()
+            }
+        );
+        assert_eq!(
+            Change::from_log("tenant", Some("a"), None, "DELETE"),
+            Change::Tenant {
+                tenant: "a".into(),
+                deleted: true
+            }
+        );
+        assert_eq!(
+            Change::from_log("context", None, None, "TRUNCATE"),
+            Change::Evict {
+                group: Some(Group::FhirConnect),
+                tenant: None,
+                key: None
+            }
+        );
+        assert_eq!(
+            Change::from_log("tenant", None, None, "TRUNCATE"),
+            Change::Evict {
+                group: None,
+                tenant: None,
+                key: None
+            }
+        );
+        assert!(matches!(
+            Change::from_log("mine", Some("a"), Some("k"), "INSERT"),
+            Change::Custom { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn custom_groups_receive_their_changes() {
+        struct Seen(std::sync::Mutex<Vec<(Option<String>, Option<String>)>>);
+        impl CustomGroup for Seen {
+            fn invalidate(&self, tenant: Option<&str>, key: Option<&str>) {
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((tenant.map(Into::into), key.map(Into::into)));
+            }
+        }
+        let caches = Caches::new(&crate::config::Config::default().cache);
+        let seen = Arc::new(Seen(Default::default()));
+        caches.register_group("mine", seen.clone());
+        caches
+            .apply(&Change::from_log("mine", Some("a"), Some("k"), "UPDATE"))
+            .await;
+        caches
+            .apply(&Change::from_log("other", Some("a"), Some("k"), "UPDATE"))
+            .await;
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec![(Some("a".into()), Some("k".into()))]
+        );
     }
 }

@@ -285,39 +285,52 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
         self.stats.evictions.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Drops the entries of `scope` that [`VersionedCache::invalidate_now`] made unservable,
+    /// freeing their memory. No generation bump: call `invalidate_now` first.
+    pub async fn purge(&self, scope: &super::Scope) {
+        let Some(inner) = &self.inner else { return };
+        match scope {
+            super::Scope::Key { tenant, id } => {
+                inner.invalidate(&cache_key(tenant, id.as_deref())).await
+            }
+            super::Scope::Tenant(tenant) => {
+                let prefix = format!("{tenant}:");
+                let keys: Vec<Arc<String>> = inner
+                    .iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| k.as_str() == tenant.as_str() || k.starts_with(&prefix))
+                    .collect();
+                for k in keys {
+                    inner.invalidate(k.as_str()).await;
+                }
+            }
+            super::Scope::All => inner.invalidate_all(),
+        }
+    }
+
     /// Evicts one key; a load of it in flight right now will not be served from cache.
     pub async fn evict_key(&self, tenant: &str, id: Option<&str>) {
-        self.invalidate_now(&super::Scope::Key {
+        self.evict(&super::Scope::Key {
             tenant: tenant.to_string(),
             id: id.map(str::to_string),
-        });
-        if let Some(inner) = &self.inner {
-            inner.invalidate(&cache_key(tenant, id)).await;
-        }
+        })
+        .await
     }
 
     /// Evicts every entry of `tenant`.
     pub async fn evict_tenant(&self, tenant: &str) {
-        self.invalidate_now(&super::Scope::Tenant(tenant.to_string()));
-        if let Some(inner) = &self.inner {
-            let prefix = format!("{tenant}:");
-            let keys: Vec<Arc<String>> = inner
-                .iter()
-                .map(|(k, _)| k)
-                .filter(|k| k.as_str() == tenant || k.starts_with(&prefix))
-                .collect();
-            for k in keys {
-                inner.invalidate(k.as_str()).await;
-            }
-        }
+        self.evict(&super::Scope::Tenant(tenant.to_string())).await
     }
 
     /// Evicts everything.
     pub async fn evict_all(&self) {
-        self.invalidate_now(&super::Scope::All);
-        if let Some(inner) = &self.inner {
-            inner.invalidate_all();
-        }
+        self.evict(&super::Scope::All).await
+    }
+
+    /// [`VersionedCache::invalidate_now`] then [`VersionedCache::purge`].
+    pub async fn evict(&self, scope: &super::Scope) {
+        self.invalidate_now(scope);
+        self.purge(scope).await;
     }
 
     /// True when a current (servable) entry for the key is held; no load, no statistics.

@@ -75,6 +75,22 @@ pub struct ParsedFc {
     pub json: serde_json::Value,
 }
 
+/// Describes a required string field that is absent or not a non-empty string.
+fn missing(v: &serde_json::Value, path: &[&str], why: &str) -> String {
+    let dotted = path.join(".");
+    let mut node = v;
+    for p in path {
+        match node.get(p) {
+            Some(n) => node = n,
+            None => return format!("{dotted} is missing: {why}"),
+        }
+    }
+    match node {
+        serde_json::Value::String(_) => format!("{dotted} is empty: {why}"),
+        other => format!("{dotted} must be a string, not {other}: {why}"),
+    }
+}
+
 fn str_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
     let mut node = v;
     for p in path {
@@ -131,16 +147,22 @@ pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedF
         FcKind::Context => match str_at(&json, &["context", "template", "id"]) {
             Some(id) => (crate::domain::normalize_template_id(id), id.to_string()),
             None => {
-                details.push(
-                    "context.template.id is missing: name the OPT this context maps".to_string(),
-                );
+                details.push(missing(
+                    &json,
+                    &["context", "template", "id"],
+                    "name the OPT this context maps",
+                ));
                 (String::new(), String::new())
             }
         },
         FcKind::Model | FcKind::Extension => match str_at(&json, &["metadata", "name"]) {
             Some(name) => (name.to_string(), name.to_string()),
             None => {
-                details.push("metadata.name is missing: every model needs a name".to_string());
+                details.push(missing(
+                    &json,
+                    &["metadata", "name"],
+                    "every model needs a name",
+                ));
                 (String::new(), String::new())
             }
         },

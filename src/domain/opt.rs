@@ -1,7 +1,5 @@
 //! OPT (openEHR Operational Template) documents.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -91,9 +89,9 @@ pub struct OptDocument {
     pub template: Template,
     /// Size of the XML in bytes.
     pub size: usize,
-    /// The XML exactly as uploaded.
+    /// The XML exactly as uploaded (shared: handing it out copies nothing).
     #[serde(skip)]
-    pub content: Arc<str>,
+    pub content: bytes::Bytes,
     /// Created.
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,

@@ -20,11 +20,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. A test checks that this list matches the files in `sql/`.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_schema.sql",
-    sql: include_str!("../../sql/0001_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_schema.sql",
+        sql: include_str!("../../sql/0001_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_invalidation_log.sql",
+        sql: include_str!("../../sql/0002_invalidation_log.sql"),
+    },
+];
 
 /// The schema version this build needs.
 pub fn latest_version() -> i32 {

@@ -31,13 +31,13 @@ pub enum WriteMode {
     Upsert,
 }
 
-/// What a write did.
+/// What a write did, and the transaction that did it (the consistency token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Written {
-    /// A new row.
-    Created,
-    /// An existing row was replaced.
-    Replaced,
+pub struct Written {
+    /// True for a new row, false for a replaced one.
+    pub created: bool,
+    /// The writing transaction's id (`pg_current_xact_id()`).
+    pub xid: u64,
 }
 
 /// OPT metadata as listed by `GET /opt` (no XML).
@@ -102,8 +102,11 @@ impl FcTable {
 
 impl Db {
     /// Builds the pool. Connections are made lazily; call [`Db::check`] to fail fast.
-    pub fn new(cfg: &DatabaseConfig) -> Result<Db> {
-        let pg = tokio_postgres::Config::from_str(cfg.url.expose())?;
+    /// `application_name` names the node in `pg_stat_activity`, and the invalidation triggers
+    /// read the origin node from it.
+    pub fn new(cfg: &DatabaseConfig, application_name: &str) -> Result<Db> {
+        let mut pg = tokio_postgres::Config::from_str(cfg.url.expose())?;
+        pg.application_name(application_name);
         let mgr = Manager::from_config(
             pg,
             NoTls,
@@ -205,21 +208,30 @@ impl Db {
             .query_one(
                 "INSERT INTO tenant (id, name, config) VALUES ($1, $2, $3) \
                  ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, config = EXCLUDED.config, updated = now() \
-                 RETURNING id, name, config, created, updated, (xmax = 0) AS inserted",
+                 RETURNING id, name, config, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
                 &[&id, &name, config],
             )
             .await?;
         Ok((tenant_from_row(&row), written(&row)))
     }
 
-    /// Deletes a tenant and, by cascade, everything it owns. False if it did not exist.
-    pub async fn delete_tenant(&self, id: &str) -> Result<bool> {
-        let n = self
-            .conn()
-            .await?
-            .execute("DELETE FROM tenant WHERE id = $1", &[&id])
-            .await?;
-        Ok(n > 0)
+    /// Deletes a tenant and, by cascade, everything it owns. `None` if it did not exist,
+    /// else the writing transaction.
+    pub async fn delete_tenant(&self, id: &str) -> Result<Option<u64>> {
+        self.delete(
+            "DELETE FROM tenant WHERE id = $1 RETURNING pg_current_xact_id()::text AS xid",
+            &[&id],
+        )
+        .await
+    }
+
+    async fn delete(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<u64>> {
+        let row = self.conn().await?.query_opt(sql, params).await?;
+        Ok(row.as_ref().map(xid))
     }
 
     // ---- OPT ----
@@ -245,7 +257,7 @@ impl Db {
             tenant: tenant.to_string(),
             template,
             size: content.len(),
-            content: Arc::from(content),
+            content: bytes::Bytes::from(content),
             created: row.get("created"),
             updated: row.get("updated"),
         }))
@@ -276,11 +288,11 @@ impl Db {
         let sql = match mode {
             WriteMode::Create => "INSERT INTO opt (tenant, template_id, original_template_id, content) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (tenant, template_id) DO NOTHING \
-                 RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, updated, true AS inserted",
+                 RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, updated, true AS inserted, pg_current_xact_id()::text AS xid",
             WriteMode::Upsert => "INSERT INTO opt (tenant, template_id, original_template_id, content) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (tenant, template_id) DO UPDATE SET original_template_id = EXCLUDED.original_template_id, \
                  content = EXCLUDED.content, updated = now() \
-                 RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, updated, (xmax = 0) AS inserted",
+                 RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
         };
         let row = self
             .conn()
@@ -297,17 +309,13 @@ impl Db {
         }
     }
 
-    /// Deletes an OPT. False if it did not exist.
-    pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<bool> {
-        let n = self
-            .conn()
-            .await?
-            .execute(
-                "DELETE FROM opt WHERE tenant = $1 AND template_id = $2",
-                &[&tenant, &template_id],
-            )
-            .await?;
-        Ok(n > 0)
+    /// Deletes an OPT. `None` if it did not exist, else the writing transaction.
+    pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<Option<u64>> {
+        self.delete(
+            "DELETE FROM opt WHERE tenant = $1 AND template_id = $2 RETURNING pg_current_xact_id()::text AS xid",
+            &[&tenant, &template_id],
+        )
+        .await
     }
 
     // ---- FHIR Connect ----
@@ -359,7 +367,7 @@ impl Db {
                 let sql = format!(
                     "INSERT INTO fhir_connect_context (tenant, template_id, original_template_id, content, content_format, parsed) \
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, template_id) {on_conflict} \
-                     RETURNING created, updated, (xmax = 0) AS inserted"
+                     RETURNING created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid"
                 );
                 conn.query_opt(&sql, &[&tenant, &doc.key, &doc.display_id, &content, &fmt, &doc.json]).await
             }
@@ -367,7 +375,7 @@ impl Db {
                 let sql = format!(
                     "INSERT INTO fhir_connect_model (tenant, name, kind, archetype, extends, content, content_format, parsed) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant, name) {on_conflict} \
-                     RETURNING created, updated, (xmax = 0) AS inserted"
+                     RETURNING created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid"
                 );
                 let kind = doc.kind.as_str();
                 conn.query_opt(&sql, &[&tenant, &doc.key, &kind, &doc.archetype, &doc.extends, &content, &fmt, &doc.json])
@@ -398,24 +406,32 @@ impl Db {
         Ok((stored, written(&row)))
     }
 
-    /// Deletes a context or model. False if it did not exist.
-    pub async fn delete_fc(&self, table: FcTable, tenant: &str, id: &str) -> Result<bool> {
+    /// Deletes a context or model. `None` if it did not exist, else the writing transaction.
+    pub async fn delete_fc(&self, table: FcTable, tenant: &str, id: &str) -> Result<Option<u64>> {
         let sql = match table {
             FcTable::Context => {
-                "DELETE FROM fhir_connect_context WHERE tenant = $1 AND template_id = $2"
+                "DELETE FROM fhir_connect_context WHERE tenant = $1 AND template_id = $2 \
+                                 RETURNING pg_current_xact_id()::text AS xid"
             }
-            FcTable::Model => "DELETE FROM fhir_connect_model WHERE tenant = $1 AND name = $2",
+            FcTable::Model => {
+                "DELETE FROM fhir_connect_model WHERE tenant = $1 AND name = $2 \
+                               RETURNING pg_current_xact_id()::text AS xid"
+            }
         };
-        Ok(self.conn().await?.execute(sql, &[&tenant, &id]).await? > 0)
+        self.delete(sql, &[&tenant, &id]).await
     }
 }
 
 fn written(row: &Row) -> Written {
-    if row.get::<_, bool>("inserted") {
-        Written::Created
-    } else {
-        Written::Replaced
+    Written {
+        created: row.get::<_, bool>("inserted"),
+        xid: xid(row),
     }
+}
+
+/// Reads the `xid` column (`pg_current_xact_id()::text`); PostgreSQL always sends a number.
+fn xid(row: &Row) -> u64 {
+    row.get::<_, String>("xid").parse().unwrap_or(0)
 }
 
 /// A write into a tenant that vanished meanwhile (foreign key) is a 404 for that tenant.

@@ -1,0 +1,98 @@
+//! The dedicated LISTEN connection: the database's fallback invalidation channel.
+//!
+//! It is its own tokio-postgres connection, never a pooled one (the pool drives its connections
+//! itself and notifications would be lost), read through `Connection::poll_message`. After every
+//! (re)connect it LISTENs first and then runs catch-up, because notifications sent while it was
+//! away are gone; only then are notifications trusted again.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
+
+use crate::catchup::{ListenerState, CHANNEL};
+use crate::error::Result;
+use crate::node::Node;
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The `application_name` of a node's listener connection: `openfhir-cache/<node id>/listener`.
+pub fn listener_application_name(node_id: &str) -> String {
+    format!("openfhir-cache/{node_id}/listener")
+}
+
+/// Runs the listener until the task is aborted: connect, LISTEN, catch up, apply
+/// notifications; on any failure wait (exponential backoff) and start over.
+pub async fn run(node: Arc<Node>) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    let inv = node.invalidator();
+    let mut backoff = FIRST_BACKOFF;
+    let mut sessions = 0u64;
+    loop {
+        inv.set_listener(ListenerState::Connecting);
+        let mut listened = false;
+        match session(&node, sessions, &mut listened).await {
+            Ok(()) => tracing::warn!("invalidation listener connection closed; reconnecting"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "invalidation listener failed; reconnecting")
+            }
+        }
+        if listened {
+            // A session that got as far as listening restarts the backoff.
+            sessions += 1;
+            backoff = FIRST_BACKOFF;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn session(node: &Node, sessions_before: u64, listened: &mut bool) -> Result<()> {
+    let inv = node.invalidator();
+    let mut cfg = tokio_postgres::Config::from_str(node.config().database.url.expose())?;
+    cfg.application_name(listener_application_name(node.id()));
+    cfg.connect_timeout(Duration::from_secs(5));
+    let (client, mut connection) = cfg.connect(tokio_postgres::NoTls).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let driver = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            }
+        }
+    });
+    let result = async {
+        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        // LISTEN first, then read the log: a change committed in between arrives both ways,
+        // which is harmless; the other order could lose it.
+        inv.step(node).await?;
+        if sessions_before > 0 {
+            inv.stats
+                .reconnects
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        *listened = true;
+        inv.set_listener(ListenerState::Listening);
+        tracing::info!("listening for invalidation notifications");
+        while let Some(payload) = rx.recv().await {
+            inv.on_notification(node, &payload).await;
+        }
+        Ok(())
+    }
+    .await;
+    driver.abort();
+    match driver.await {
+        Ok(Err(e)) => Err(e.into()),
+        _ => result,
+    }
+}
