@@ -20,8 +20,10 @@ pub struct TestApp {
     pub node: Arc<Node>,
     /// HTTP client.
     pub client: reqwest::Client,
-    /// The database (dropped with the app).
-    pub db: TestDb,
+    /// The database URL.
+    pub db_url: String,
+    /// The database, when this app owns it (dropped with the app).
+    pub db: Option<TestDb>,
     running: Option<Running>,
 }
 
@@ -38,7 +40,14 @@ pub async fn spawn_with(env: &[(&str, &str)]) -> TestApp {
 
 /// Starts a node on the given database (several nodes may share one).
 pub async fn spawn_on(db: TestDb, env: &[(&str, &str)]) -> TestApp {
-    let config = test_config(&db.url, env);
+    let mut app = spawn_url(&db.url, env).await;
+    app.db = Some(db);
+    app
+}
+
+/// Starts a node on a database another app owns (a second node of the same cluster).
+pub async fn spawn_url(db_url: &str, env: &[(&str, &str)]) -> TestApp {
+    let config = test_config(db_url, env);
     let running = app::start(config, ServeOptions::default())
         .await
         .expect("node starts");
@@ -46,7 +55,8 @@ pub async fn spawn_on(db: TestDb, env: &[(&str, &str)]) -> TestApp {
         base: format!("http://{}", running.addr),
         node: running.node.clone(),
         client: reqwest::Client::new(),
-        db,
+        db_url: db_url.to_string(),
+        db: None,
         running: Some(running),
     }
 }
@@ -109,7 +119,30 @@ impl TestApp {
 
     /// A direct SQL connection to the node's database.
     pub async fn sql(&self) -> tokio_postgres::Client {
-        self.db.connect().await
+        let (client, conn) = tokio_postgres::connect(&self.db_url, tokio_postgres::NoTls)
+            .await
+            .expect("test SQL connection");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Polls `GET path` (up to ~10 s) until its body satisfies `ok`; returns the last body and
+    /// whether it did.
+    pub async fn eventually(&self, path: &str, ok: impl Fn(u16, &str) -> bool) -> (bool, String) {
+        let mut last = String::new();
+        for _ in 0..200 {
+            if let Ok(r) = self.client.get(self.url(path)).send().await {
+                let status = r.status().as_u16();
+                last = r.text().await.unwrap_or_default();
+                if ok(status, &last) {
+                    return (true, last);
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        (false, last)
     }
 
     /// Stops the node gracefully.
