@@ -128,7 +128,12 @@ pub fn unreachable(cfg: &Config, e: &Error) -> Error {
         .iter()
         .find(|v| v.env == "DATABASE_URL")
         .is_some_and(|v| v.default == cfg.database.url.expose());
-    let hint = if default {
+    let auth_refused = matches!(e.root(), Error::Pool(deadpool_postgres::PoolError::Backend(b))
+        if b.code().is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000"));
+    let hint = if auth_refused {
+        "The server answered but refused the login or the database: set DATABASE_URL with the right \
+         user, password and database name (postgres://user:password@host:5432/db)"
+    } else if default {
         "No DATABASE_URL is set and nothing answers at the default address: start PostgreSQL there \
          (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL=postgres://user:password@host:5432/db"
     } else {

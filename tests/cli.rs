@@ -678,3 +678,23 @@ async fn serve_migrates_and_stops_cleanly_on_sigterm() {
     );
     assert!(!node.stderr().contains("panicked"), "{}", node.stderr());
 }
+
+#[test]
+fn a_server_that_refuses_the_login_gets_its_own_hint() {
+    let dir = tempdir();
+    let admin = common::pg::admin_url();
+    let port = admin
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let url = format!("postgres://no_such_role@127.0.0.1:{port}/postgres");
+    let out = run(dir.path(), &["migrate"], &[("DATABASE_URL", &url)]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("refused the login"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

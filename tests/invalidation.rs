@@ -201,21 +201,27 @@ async fn the_listener_reconnects_and_catches_up_after_its_connection_is_killed()
     assert!(app.get_text("/opt/t1").await.contains("v1"));
     let name = openfhir_cache::notify::listener_application_name(app.node.id());
     let sql = app.sql().await;
-    // Kill the listener and write at once, so the change may land while it is away.
-    let killed: i64 = sql
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(killed, 1);
-    sql_update(&app, "t1", "v2").await;
+    // Writes keep coming (each read right after, so the entry is cached again) while the
+    // listener's connection is killed twice; some land while it is away.
+    for i in 0..30 {
+        if i == 5 || i == 15 {
+            let killed: i64 = sql
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(killed <= 1);
+        }
+        sql_update(&app, "t1", &format!("w{i}")).await;
+        let _ = app.client.get(app.url("/opt/t1")).send().await.unwrap();
+    }
     let (ok, body) = app
-        .eventually("/opt/t1", |s, b| s == 200 && b.contains("v2"))
+        .eventually("/opt/t1", |s, b| s == 200 && b.contains("w29"))
         .await;
-    assert!(ok, "{body}");
+    assert!(ok, "no stale entry in the end: {body}");
     for _ in 0..200 {
         let inv = cluster(&app).await["invalidation"].clone();
         if inv["listener_reconnects"].as_u64().unwrap() >= 1 && inv["listener"] == "listening" {
@@ -326,9 +332,12 @@ async fn a_consistency_token_gives_read_your_writes_on_another_node() {
 async fn the_node_survives_a_database_restart_and_converges() {
     let server = common::pg::PrivateServer::new();
     let app = spawn_url(&server.url(), &[("OPENFHIR_CATCHUP_INTERVAL_MS", "200")]).await;
+    let peer = spawn_url(&server.url(), &[("OPENFHIR_CATCHUP_INTERVAL_MS", "200")]).await;
     listening(&app).await;
+    listening(&peer).await;
     assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
     assert!(app.get_text("/opt/t1").await.contains("v1"));
+    assert!(peer.get_text("/opt/t1").await.contains("v1"));
     assert_eq!(app.put_opt("t2", &opt_xml("t2", "v1")).await, 201);
 
     server.stop();
@@ -345,11 +354,21 @@ async fn the_node_survives_a_database_restart_and_converges() {
     }
     server.start();
     sql_update(&app, "t1", "v2").await;
-    let (ok, body) = app
-        .eventually("/opt/t1", |s, b| s == 200 && b.contains("v2"))
-        .await;
-    assert!(ok, "{body}");
-    assert!(app.eventually("/health/ready", |s, _| s == 200).await.0);
+    for n in [&app, &peer] {
+        let (ok, body) = n
+            .eventually("/opt/t1", |s, b| s == 200 && b.contains("v2"))
+            .await;
+        assert!(ok, "{}: {body}", n.base);
+        assert!(n.eventually("/health/ready", |s, _| s == 200).await.0);
+        // Its listener came back.
+        listening(n).await;
+        assert!(
+            cluster(n).await["invalidation"]["listener_reconnects"]
+                .as_u64()
+                .unwrap()
+                >= 1
+        );
+    }
 }
 
 #[tokio::test]
