@@ -216,6 +216,7 @@ pub struct InvalidationStats {
     pub(crate) reconnects: AtomicU64,
     pub(crate) listener: AtomicU8,
     pub(crate) log_head: AtomicU64,
+    pub(crate) max_position: AtomicU64,
     pub(crate) last_step_unix_ms: AtomicU64,
 }
 
@@ -265,6 +266,10 @@ pub struct InvalidationReport {
     pub log_head: u64,
     /// This node's watermark (every transaction below it is applied).
     pub watermark: Option<u64>,
+    /// Highest log position this node has received by any channel.
+    pub applied_position: u64,
+    /// `log_head - applied_position` at the last step: log rows written since, not yet seen.
+    pub lag_positions: u64,
     /// Positions applied above the watermark (transactions still open at the last step).
     pub pending_positions: usize,
     /// Milliseconds since the last successful step.
@@ -294,6 +299,9 @@ impl Invalidator {
 
     /// Delivers one row from a channel: applies it unless it was applied already.
     pub(crate) async fn deliver(&self, node: &Node, row: &LogRow, channel: Channel) -> bool {
+        self.stats
+            .max_position
+            .fetch_max(row.position.max(0) as u64, Ordering::Relaxed);
         let first = self.cursor().first_delivery(row.position, row.xid);
         if first && row.origin.as_deref() == Some(node.id()) {
             // This node wrote it and evicted after COMMIT (or, if the write was cancelled, when
@@ -551,6 +559,11 @@ impl Invalidator {
             pruned_rows: s.pruned.load(Ordering::Relaxed),
             log_head: s.log_head.load(Ordering::Relaxed),
             watermark,
+            applied_position: s.max_position.load(Ordering::Relaxed),
+            lag_positions: s
+                .log_head
+                .load(Ordering::Relaxed)
+                .saturating_sub(s.max_position.load(Ordering::Relaxed)),
             pending_positions: pending,
             ms_since_last_catchup: (last > 0).then(|| now_ms().saturating_sub(last)),
         }

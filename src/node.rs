@@ -11,8 +11,7 @@ use crate::cache::{CacheName, Caches, Change};
 use crate::catchup::{Invalidator, StepReport};
 use crate::config::Config;
 use crate::domain::{
-    self, normalize_template_id, parse_fc, parse_opt, FcDocument, FcFormat, FcKind, OptDocument,
-    Tenant,
+    self, normalize_template_id, parse_fc, parse_opt, FcDocument, FcFormat, OptDocument, Tenant,
 };
 use crate::error::{Error, Result};
 use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
@@ -299,41 +298,51 @@ impl Node {
         path_id: Option<&str>,
         mode: WriteMode,
     ) -> Result<(FcDocument, Written)> {
-        let doc = parse_fc(body, format, FcKind::Context)?;
-        check_path_id(
-            path_id.map(normalize_template_id).as_deref(),
-            &doc.key,
-            "context.template.id",
-        )?;
-        let content = utf8(body)?;
-        let change = Change::Context {
-            tenant: tenant.to_string(),
-            template_id: doc.key.clone(),
-        };
-        self.write(
-            change,
-            self.db
-                .put_fc(FcTable::Context, tenant, &doc, content, format, mode),
-        )
-        .await
+        self.put_fc(FcTable::Context, tenant, body, format, path_id, mode)
+            .await
     }
 
     /// Deletes a context.
     pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<u64> {
-        let id = normalize_template_id(template_id);
-        domain::validate_artifact_id("template id", &id)?;
+        self.delete_fc(FcTable::Context, tenant, template_id).await
+    }
+
+    /// Stores a FHIR Connect document in `table`. With `path_id` (PUT) the document's key
+    /// (`context.template.id`, normalized, or `metadata.name`) must match it.
+    pub async fn put_fc(
+        &self,
+        table: FcTable,
+        tenant: &str,
+        body: &[u8],
+        format: FcFormat,
+        path_id: Option<&str>,
+        mode: WriteMode,
+    ) -> Result<(FcDocument, Written)> {
+        let doc = parse_fc(body, format, table.kind())?;
+        check_path_id(
+            path_id.map(|p| table.key(p)).as_deref(),
+            &doc.key,
+            table.key_field(),
+        )?;
+        let content = utf8(body)?;
+        let change = table.change(tenant, &doc.key);
         self.write(
-            Change::Context {
-                tenant: tenant.to_string(),
-                template_id: id.clone(),
-            },
-            async {
-                self.db
-                    .delete_fc(FcTable::Context, tenant, &id)
-                    .await?
-                    .ok_or_else(|| not_found("context", &id))
-            },
+            change,
+            self.db.put_fc(table, tenant, &doc, content, format, mode),
         )
+        .await
+    }
+
+    /// Deletes a FHIR Connect document from `table` by its key (normalized for contexts).
+    pub async fn delete_fc(&self, table: FcTable, tenant: &str, id: &str) -> Result<u64> {
+        let id = table.key(id);
+        domain::validate_artifact_id(table.key_name(), &id)?;
+        self.write(table.change(tenant, &id), async {
+            self.db
+                .delete_fc(table, tenant, &id)
+                .await?
+                .ok_or_else(|| not_found(table.what(), &id))
+        })
         .await
     }
 
@@ -362,37 +371,13 @@ impl Node {
         path_id: Option<&str>,
         mode: WriteMode,
     ) -> Result<(FcDocument, Written)> {
-        let doc = parse_fc(body, format, FcKind::Model)?;
-        check_path_id(path_id, &doc.key, "metadata.name")?;
-        let content = utf8(body)?;
-        let change = Change::Model {
-            tenant: tenant.to_string(),
-            name: doc.key.clone(),
-        };
-        self.write(
-            change,
-            self.db
-                .put_fc(FcTable::Model, tenant, &doc, content, format, mode),
-        )
-        .await
+        self.put_fc(FcTable::Model, tenant, body, format, path_id, mode)
+            .await
     }
 
     /// Deletes a model.
     pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<u64> {
-        domain::validate_artifact_id("model name", name)?;
-        self.write(
-            Change::Model {
-                tenant: tenant.to_string(),
-                name: name.to_string(),
-            },
-            async {
-                self.db
-                    .delete_fc(FcTable::Model, tenant, name)
-                    .await?
-                    .ok_or_else(|| not_found("model", name))
-            },
-        )
-        .await
+        self.delete_fc(FcTable::Model, tenant, name).await
     }
 }
 

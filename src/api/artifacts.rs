@@ -14,7 +14,7 @@ use super::{
     body, fc_format, require_xml, wants_yaml, with_token, ApiError, ApiResult, AppState, TenantId,
 };
 use crate::domain::{FcDocument, FcFormat};
-use crate::store::{WriteMode, Written};
+use crate::store::{FcTable, WriteMode, Written};
 
 fn status(w: Written) -> StatusCode {
     if w.created {
@@ -162,18 +162,38 @@ pub async fn list_contexts(
     listing(&node.contexts(&t).await?, &headers)
 }
 
+/// `POST` (create) or `PUT` (create or replace) of a FHIR Connect document in `table`.
+async fn put_fc(
+    node: &AppState,
+    table: FcTable,
+    tenant: &str,
+    path_id: Option<&str>,
+    headers: &HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let fmt = fc_format(headers)?;
+    let b = body(b)?;
+    let mode = if path_id.is_some() {
+        WriteMode::Upsert
+    } else {
+        WriteMode::Create
+    };
+    let (doc, w) = node.put_fc(table, tenant, &b, fmt, path_id, mode).await?;
+    Ok(written(doc, w))
+}
+
+async fn delete_fc(node: &AppState, table: FcTable, tenant: &str, id: &str) -> ApiResult<Response> {
+    let xid = node.delete_fc(table, tenant, id).await?;
+    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
+}
+
 pub async fn create_context(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let fmt = fc_format(&headers)?;
-    let b = body(b)?;
-    let (doc, w) = node
-        .put_context(&t, &b, fmt, None, WriteMode::Create)
-        .await?;
-    Ok(written(doc, w))
+    put_fc(&node, FcTable::Context, &t, None, &headers, b).await
 }
 
 pub async fn put_context(
@@ -183,12 +203,7 @@ pub async fn put_context(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let fmt = fc_format(&headers)?;
-    let b = body(b)?;
-    let (doc, w) = node
-        .put_context(&t, &b, fmt, Some(&id), WriteMode::Upsert)
-        .await?;
-    Ok(written(doc, w))
+    put_fc(&node, FcTable::Context, &t, Some(&id), &headers, b).await
 }
 
 pub async fn get_context(
@@ -205,8 +220,7 @@ pub async fn delete_context(
     TenantId(t): TenantId,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let xid = node.delete_context(&t, &id).await?;
-    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
+    delete_fc(&node, FcTable::Context, &t, &id).await
 }
 
 // ---- models ----
@@ -226,10 +240,7 @@ pub async fn create_model(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let fmt = fc_format(&headers)?;
-    let b = body(b)?;
-    let (doc, w) = node.put_model(&t, &b, fmt, None, WriteMode::Create).await?;
-    Ok(written(doc, w))
+    put_fc(&node, FcTable::Model, &t, None, &headers, b).await
 }
 
 pub async fn put_model(
@@ -239,12 +250,7 @@ pub async fn put_model(
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let fmt = fc_format(&headers)?;
-    let b = body(b)?;
-    let (doc, w) = node
-        .put_model(&t, &b, fmt, Some(&name), WriteMode::Upsert)
-        .await?;
-    Ok(written(doc, w))
+    put_fc(&node, FcTable::Model, &t, Some(&name), &headers, b).await
 }
 
 pub async fn get_model(
@@ -261,6 +267,5 @@ pub async fn delete_model(
     TenantId(t): TenantId,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let xid = node.delete_model(&t, &name).await?;
-    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
+    delete_fc(&node, FcTable::Model, &t, &name).await
 }

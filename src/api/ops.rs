@@ -221,6 +221,11 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
             "Log rows pruned by this node.",
             inv.pruned_rows,
         ),
+        (
+            "openfhir_invalidation_own_writes_total",
+            "Invalidations of this node's own writes (already applied by its write path).",
+            inv.own_writes,
+        ),
     ];
     for (name, help, v) in counters {
         let _ = writeln!(
@@ -240,6 +245,7 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
         inv.first_by_catchup
     );
     let _ = writeln!(out, "# HELP openfhir_invalidation_log_head Highest invalidation log position seen.\n# TYPE openfhir_invalidation_log_head gauge\nopenfhir_invalidation_log_head {}", inv.log_head);
+    let _ = writeln!(out, "# HELP openfhir_invalidation_lag_positions Log rows written but not yet seen by this node.\n# TYPE openfhir_invalidation_lag_positions gauge\nopenfhir_invalidation_lag_positions {}", inv.lag_positions);
     let listening = u8::from(inv.listener == crate::catchup::ListenerState::Listening);
     let _ = writeln!(out, "# HELP openfhir_invalidation_listener_up 1 while the LISTEN connection is up.\n# TYPE openfhir_invalidation_listener_up gauge\nopenfhir_invalidation_listener_up {listening}");
     if let Some(ms) = inv.ms_since_last_catchup {

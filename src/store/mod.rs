@@ -77,7 +77,55 @@ pub enum FcTable {
 }
 
 impl FcTable {
-    fn what(self) -> &'static str {
+    /// The document kind uploaded to this table's route (models also accept extensions).
+    pub fn kind(self) -> FcKind {
+        match self {
+            FcTable::Context => FcKind::Context,
+            FcTable::Model => FcKind::Model,
+        }
+    }
+
+    /// The key for an id from a path: contexts are keyed by normalized template id.
+    pub fn key(self, id: &str) -> String {
+        match self {
+            FcTable::Context => crate::domain::normalize_template_id(id),
+            FcTable::Model => id.to_string(),
+        }
+    }
+
+    /// The document field the key comes from.
+    pub fn key_field(self) -> &'static str {
+        match self {
+            FcTable::Context => "context.template.id",
+            FcTable::Model => "metadata.name",
+        }
+    }
+
+    /// What the key is called in error messages.
+    pub fn key_name(self) -> &'static str {
+        match self {
+            FcTable::Context => "template id",
+            FcTable::Model => "model name",
+        }
+    }
+
+    /// The change a write of `key` makes.
+    pub fn change(self, tenant: &str, key: &str) -> crate::cache::Change {
+        let tenant = tenant.to_string();
+        match self {
+            FcTable::Context => crate::cache::Change::Context {
+                tenant,
+                template_id: key.to_string(),
+            },
+            FcTable::Model => crate::cache::Change::Model {
+                tenant,
+                name: key.to_string(),
+            },
+        }
+    }
+
+    /// `context` or `model`.
+    pub fn what(self) -> &'static str {
         match self {
             FcTable::Context => "context",
             FcTable::Model => "model",
