@@ -95,7 +95,7 @@ async fn ttl_zero_goes_to_the_database_every_time() {
 #[tokio::test]
 async fn ttl_n_expires_after_write() {
     let app = spawn_with(&[
-        ("OPENFHIR_CACHE_OPT_TTL", "1"),
+        ("OPENFHIR_CACHE_OPT_TTL", "2"),
         NO_DB_CHANNELS[0],
         NO_DB_CHANNELS[1],
     ])
@@ -107,24 +107,31 @@ async fn ttl_n_expires_after_write() {
     );
     assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
     sql_set_marker(&app, "growth_chart", "v2").await;
-    // Within the TTL the cached value is served (this read follows the load immediately).
-    let cached = app.get_text("/opt/growth_chart").await;
-    let loads = app.stats(CacheName::Opt).await.stats.loads;
-    assert!(cached.contains("v1") || loads > 1);
-    // After it, the entry has expired and the next read reloads. Poll with a generous bound.
-    let mut fresh = false;
+    // Within the TTL the cached value is served: this read follows the load by milliseconds.
+    assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
+    assert_eq!(app.stats(CacheName::Opt).await.stats.loads, 1);
+    // After it, the entry has expired and the next read reloads.
+    let reloaded = wait_for_marker(&app, "v2").await;
+    assert!(reloaded, "the entry expired and was reloaded");
+    // The reload restarted the clock: a change right after it is not seen until the new TTL ends.
+    sql_set_marker(&app, "growth_chart", "v3").await;
+    assert!(app.get_text("/opt/growth_chart").await.contains("v2"));
+    assert!(wait_for_marker(&app, "v3").await);
+    let s = app.stats(CacheName::Opt).await;
+    assert_eq!(s.ttl, 2);
+    assert_eq!(s.stats.loads, 3, "one load per TTL period: {:?}", s.stats);
+    assert!(s.stats.expirations >= 1, "{:?}", s.stats);
+}
+
+/// Polls (bounded, ~10 s) until the OPT's concept is `marker`.
+async fn wait_for_marker(app: &common::TestApp, marker: &str) -> bool {
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if app.get_text("/opt/growth_chart").await.contains("v2") {
-            fresh = true;
-            break;
+        if app.get_text("/opt/growth_chart").await.contains(marker) {
+            return true;
         }
     }
-    assert!(fresh, "the entry expired and was reloaded");
-    let s = app.stats(CacheName::Opt).await;
-    assert_eq!(s.ttl, 1);
-    assert!(s.stats.loads >= 2);
-    assert!(s.stats.expirations >= 1, "{:?}", s.stats);
+    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -152,6 +159,11 @@ async fn concurrent_cold_reads_load_once() {
             .contains("default", Some("growth_chart"))
             .await
     );
+    // Every load is held open for 200 ms after its database read, so all 200 readers arrive
+    // while the first load is still in flight: they must wait for it, not start their own.
+    app.node.set_load_hook(Some(Arc::new(|_, _| {
+        Box::pin(tokio::time::sleep(Duration::from_millis(200)))
+    })));
     let before = app.stats(CacheName::Opt).await.stats.loads;
     let ctx_before = app.stats(CacheName::Context).await.stats.loads;
     let barrier = Arc::new(tokio::sync::Barrier::new(200));
