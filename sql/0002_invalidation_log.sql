@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS openfhir_invalidation_log (
     key         text,                -- NULL: every key of the tenant, or tenant-keyed group
     operation   text        NOT NULL CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE', 'TRUNCATE')),
     origin      text,                -- node id when written by a node, else NULL
-    created     timestamptz NOT NULL DEFAULT now()
+    -- clock_timestamp(), not now(): a long transaction's rows must not look old on commit.
+    created     timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS openfhir_invalidation_log_xid ON openfhir_invalidation_log (xid);
 CREATE INDEX IF NOT EXISTS openfhir_invalidation_log_created ON openfhir_invalidation_log (created);

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
@@ -126,7 +126,13 @@ pub struct Cursor {
     seen: BTreeMap<i64, u64>,
     /// Transactions at or above the watermark whose rows a step has read in full.
     complete: BTreeSet<u64>,
+    /// Transactions this node wrote itself (their eviction already ran), at or above the watermark.
+    own: BTreeSet<u64>,
 }
+
+/// Bound of the bookkeeping above the watermark. Forgetting an entry is safe: at worst a later
+/// delivery of that row evicts once more.
+const MAX_TRACKED: usize = 100_000;
 
 impl Cursor {
     /// The watermark, once the first step ran.
@@ -140,7 +146,21 @@ impl Cursor {
         if self.watermark.is_some_and(|w| xid < w) {
             return false;
         }
-        self.seen.insert(position, xid).is_none()
+        let first = self.seen.insert(position, xid).is_none();
+        while self.seen.len() > MAX_TRACKED {
+            self.seen.pop_first();
+        }
+        first
+    }
+
+    /// Records a transaction this node wrote (and already evicted after its COMMIT).
+    pub fn own_write(&mut self, xid: u64) {
+        if self.watermark.is_none_or(|w| xid >= w) {
+            self.own.insert(xid);
+            while self.own.len() > MAX_TRACKED {
+                self.own.pop_first();
+            }
+        }
     }
 
     /// Ends a step that read, in one snapshot with `xmin`, every visible row at or above the
@@ -151,6 +171,7 @@ impl Cursor {
         self.watermark = Some(w);
         self.seen.retain(|_, x| *x >= w);
         self.complete.retain(|x| *x >= w);
+        self.own.retain(|x| *x >= w);
     }
 
     /// True when every change of transaction `xid` has been applied here.
@@ -216,7 +237,7 @@ pub struct InvalidationStats {
     pub(crate) reconnects: AtomicU64,
     pub(crate) listener: AtomicU8,
     pub(crate) log_head: AtomicU64,
-    pub(crate) max_position: AtomicU64,
+    pub(crate) last_step_repaired: AtomicU64,
     pub(crate) last_step_unix_ms: AtomicU64,
 }
 
@@ -266,10 +287,9 @@ pub struct InvalidationReport {
     pub log_head: u64,
     /// This node's watermark (every transaction below it is applied).
     pub watermark: Option<u64>,
-    /// Highest log position this node has received by any channel.
-    pub applied_position: u64,
-    /// `log_head - applied_position` at the last step: log rows written since, not yet seen.
-    pub lag_positions: u64,
+    /// Rows the last catch-up step had to apply itself: changes the other channels had not
+    /// delivered (0 when NOTIFY keeps up).
+    pub last_step_repaired: u64,
     /// Positions applied above the watermark (transactions still open at the last step).
     pub pending_positions: usize,
     /// Milliseconds since the last successful step.
@@ -299,13 +319,17 @@ impl Invalidator {
 
     /// Delivers one row from a channel: applies it unless it was applied already.
     pub(crate) async fn deliver(&self, node: &Node, row: &LogRow, channel: Channel) -> bool {
-        self.stats
-            .max_position
-            .fetch_max(row.position.max(0) as u64, Ordering::Relaxed);
-        let first = self.cursor().first_delivery(row.position, row.xid);
-        if first && row.origin.as_deref() == Some(node.id()) {
-            // This node wrote it and evicted after COMMIT (or, if the write was cancelled, when
-            // its guard dropped): applying the echo again would only throw away fresh entries.
+        let (first, own) = {
+            let mut c = self.cursor();
+            (
+                c.first_delivery(row.position, row.xid),
+                c.own.contains(&row.xid),
+            )
+        };
+        if first && own {
+            // This node's write path evicted it after COMMIT (the transaction id came back from
+            // the write itself, so no other session can fake it): applying the echo again would
+            // only throw away fresh entries.
             self.stats.own_writes.fetch_add(1, Ordering::Relaxed);
             return true;
         }
@@ -348,6 +372,11 @@ impl Invalidator {
     /// True when every change of transaction `xid` has been applied here.
     pub fn covers(&self, xid: u64) -> bool {
         self.cursor().covers(xid)
+    }
+
+    /// Records a transaction this node wrote and evicted itself.
+    pub(crate) fn own_write(&self, xid: u64) {
+        self.cursor().own_write(xid);
     }
 
     /// Sets the watermark to "now" without replaying anything: right for a node whose caches
@@ -393,6 +422,9 @@ impl Invalidator {
             .read_only(true)
             .start()
             .await?;
+        // A locked log table must not hang catch-up (or a reader waiting on a token).
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'; SET LOCAL statement_timeout = '60s'")
+            .await?;
         let head = tx
             .query_one(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
@@ -413,9 +445,10 @@ impl Invalidator {
             let mut c = self.cursor();
             match c.watermark() {
                 None => {
-                    // First step with no init: nothing was cached before it can matter less
-                    // than a flush would, so start from the snapshot.
+                    // First step without `init`: entries may have been loaded before any
+                    // watermark existed, so they cannot be trusted. Start from the snapshot, flush.
                     c.reset(xmin);
+                    report.flushed = true;
                     xmin
                 }
                 Some(w) if w < horizon => {
@@ -476,6 +509,9 @@ impl Invalidator {
         let mut c = self.cursor();
         c.finish_step(xmin, xids);
         report.watermark = c.watermark().unwrap_or(xmin);
+        self.stats
+            .last_step_repaired
+            .store(report.applied, Ordering::Relaxed);
         Ok(report)
     }
 
@@ -519,19 +555,23 @@ impl Invalidator {
     /// Waits until transaction `xid` is covered, catching up at once if needed; `false` if
     /// `wait` ran out first.
     pub async fn await_xid(&self, node: &Node, xid: u64, wait: Duration) -> Result<bool> {
-        let deadline = Instant::now() + wait;
-        loop {
-            if self.covers(xid) {
-                return Ok(true);
+        // The whole wait is bounded, a step stuck on a lock included.
+        let wait_for = async {
+            loop {
+                if self.covers(xid) {
+                    return Ok(());
+                }
+                self.step(node).await?;
+                if self.covers(xid) {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            self.step(node).await?;
-            if self.covers(xid) {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        match tokio::time::timeout(wait, wait_for).await {
+            Ok(Ok(())) => Ok(true),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(self.covers(xid)),
         }
     }
 
@@ -559,11 +599,7 @@ impl Invalidator {
             pruned_rows: s.pruned.load(Ordering::Relaxed),
             log_head: s.log_head.load(Ordering::Relaxed),
             watermark,
-            applied_position: s.max_position.load(Ordering::Relaxed),
-            lag_positions: s
-                .log_head
-                .load(Ordering::Relaxed)
-                .saturating_sub(s.max_position.load(Ordering::Relaxed)),
+            last_step_repaired: s.last_step_repaired.load(Ordering::Relaxed),
             pending_positions: pending,
             ms_since_last_catchup: (last > 0).then(|| now_ms().saturating_sub(last)),
         }

@@ -110,10 +110,15 @@ impl Node {
     /// Runs a write under an armed eviction: the change is evicted after COMMIT, and also if
     /// this future is dropped half-way (the write may have committed); not when the write
     /// certainly changed nothing (conflict, not found, invalid).
-    async fn write<T>(&self, change: Change, write: impl Future<Output = Result<T>>) -> Result<T> {
+    async fn write<T: Committed>(
+        &self,
+        change: Change,
+        write: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let guard = self.caches.guard(change);
         match write.await {
             Ok(v) => {
+                self.invalidator.own_write(v.xid());
                 let change = guard.committed().await;
                 tracing::debug!(?change, "committed and evicted");
                 Ok(v)
@@ -425,4 +430,21 @@ fn new_node_id() -> String {
     );
     h.write_u32(std::process::id());
     format!("{host}-{:08x}", h.finish() as u32)
+}
+
+/// What a write returns carries the transaction that made it.
+trait Committed {
+    fn xid(&self) -> u64;
+}
+
+impl<T> Committed for (T, Written) {
+    fn xid(&self) -> u64 {
+        self.1.xid
+    }
+}
+
+impl Committed for u64 {
+    fn xid(&self) -> u64 {
+        *self
+    }
 }

@@ -16,6 +16,11 @@ use crate::catchup::{ListenerState, CHANNEL};
 use crate::error::Result;
 use crate::node::Node;
 
+/// How often the idle listener connection is probed.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How long a probe may take before the connection is considered dead.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -84,10 +89,28 @@ async fn session(node: &Node, sessions_before: u64, listened: &mut bool) -> Resu
         *listened = true;
         inv.set_listener(ListenerState::Listening);
         tracing::info!("listening for invalidation notifications");
-        while let Some(payload) = rx.recv().await {
-            inv.on_notification(node, &payload).await;
+        // A half-open socket would look "listening" for hours: probe the connection.
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                payload = rx.recv() => match payload {
+                    Some(p) => inv.on_notification(node, &p).await,
+                    None => return Ok(()),
+                },
+                _ = heartbeat.tick() => {
+                    match tokio::time::timeout(HEARTBEAT_TIMEOUT, client.simple_query("SELECT 1")).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => {
+                            tracing::warn!("invalidation listener did not answer its heartbeat; reconnecting");
+                            return Ok(());
+                        }
+                    }
+                }
+            }
         }
-        Ok(())
     }
     .await;
     driver.abort();

@@ -245,7 +245,10 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
         inv.first_by_catchup
     );
     let _ = writeln!(out, "# HELP openfhir_invalidation_log_head Highest invalidation log position seen.\n# TYPE openfhir_invalidation_log_head gauge\nopenfhir_invalidation_log_head {}", inv.log_head);
-    let _ = writeln!(out, "# HELP openfhir_invalidation_lag_positions Log rows written but not yet seen by this node.\n# TYPE openfhir_invalidation_lag_positions gauge\nopenfhir_invalidation_lag_positions {}", inv.lag_positions);
+    let _ = writeln!(out, "# HELP openfhir_invalidation_last_step_repaired Rows the last catch-up step applied itself (missed by NOTIFY).\n# TYPE openfhir_invalidation_last_step_repaired gauge\nopenfhir_invalidation_last_step_repaired {}", inv.last_step_repaired);
+    if let Some(w) = inv.watermark {
+        let _ = writeln!(out, "# HELP openfhir_invalidation_watermark This node's cursor: every transaction below it is applied.\n# TYPE openfhir_invalidation_watermark gauge\nopenfhir_invalidation_watermark {w}");
+    }
     let listening = u8::from(inv.listener == crate::catchup::ListenerState::Listening);
     let _ = writeln!(out, "# HELP openfhir_invalidation_listener_up 1 while the LISTEN connection is up.\n# TYPE openfhir_invalidation_listener_up gauge\nopenfhir_invalidation_listener_up {listening}");
     if let Some(ms) = inv.ms_since_last_catchup {

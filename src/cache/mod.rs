@@ -317,12 +317,38 @@ impl Caches {
     }
 
     fn apply_custom(&self, change: &Change) {
-        if let Change::Custom { group, tenant, key } = change {
-            let g = self.custom.read().ok().and_then(|m| m.get(group).cloned());
-            match g {
-                Some(g) => g.invalidate(tenant.as_deref(), key.as_deref()),
-                None => tracing::debug!(group, "change for an unregistered cache group ignored"),
+        let groups: Vec<(String, Arc<dyn CustomGroup>)> = match self.custom.read() {
+            Ok(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => return,
+        };
+        match change {
+            Change::Custom { group, tenant, key } => {
+                match groups.iter().find(|(n, _)| n == group) {
+                    Some((_, g)) => g.invalidate(tenant.as_deref(), key.as_deref()),
+                    None => {
+                        tracing::debug!(group, "change for an unregistered cache group ignored")
+                    }
+                }
             }
+            // A flush of everything, or a tenant gone with all it owned, reaches every group.
+            Change::Evict {
+                group: None,
+                tenant,
+                key: None,
+            } => {
+                for (_, g) in &groups {
+                    g.invalidate(tenant.as_deref(), None);
+                }
+            }
+            Change::Tenant {
+                tenant,
+                deleted: true,
+            } => {
+                for (_, g) in &groups {
+                    g.invalidate(Some(tenant), None);
+                }
+            }
+            _ => {}
         }
     }
 
