@@ -23,6 +23,7 @@ pub mod app;
 pub mod cache;
 pub mod catchup;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;
