@@ -1866,3 +1866,52 @@ async fn errors_from_routing_are_json_too() {
         (Some("empty-body"), serde_json::json!({}))
     );
 }
+
+/// Deeply nested documents are refused with 400, never by overflowing the stack (which would
+/// kill the whole node, not just the request).
+#[tokio::test]
+async fn deep_nesting_is_a_400_not_a_crash() {
+    let app = spawn_app().await;
+    let n = 50_000;
+    let xml = format!(
+        "<template>{}{}</template>",
+        "<a>".repeat(n),
+        "</a>".repeat(n)
+    );
+    let yaml = format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    let json = format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    for (path, ct, body) in [
+        ("/opt", "application/xml", xml),
+        ("/fc/model", "application/yaml", yaml),
+        ("/fc/context", "application/json", json.clone()),
+    ] {
+        let r = app
+            .client
+            .post(app.url(path))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+    }
+    let r = app
+        .client
+        .put(app.url("/tenants/deep"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"config\": {{\"x\": {json}}}}}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // The node is still up.
+    assert_eq!(
+        app.client
+            .get(app.url("/health/live"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

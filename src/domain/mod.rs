@@ -1,7 +1,9 @@
 //! The artifacts: tenants, OPT templates and FHIR Connect documents, and their parsing.
 
+pub mod fc_model;
 pub mod fhir_connect;
 pub mod opt;
+pub mod template;
 
 use serde::Serialize;
 use time::OffsetDateTime;

@@ -31,6 +31,9 @@ pub struct Template {
 /// DTDs are refused outright (roxmltree's default), so external entities and entity expansion
 /// (XXE, "billion laughs") are never processed.
 pub fn parse_opt(xml: &str) -> Result<Template> {
+    // roxmltree recurses once per nesting level: refuse absurd nesting before it can overflow
+    // the stack (a crash of the node, not an error).
+    crate::domain::template::check_xml_depth(xml, crate::domain::template::MAX_DEPTH)?;
     let doc = roxmltree::Document::parse(xml)
         .map_err(|e| Error::invalid("malformed OPT XML", e.to_string()))?;
     let root = doc.root_element();
@@ -132,5 +135,15 @@ mod tests {
         assert!(parse_opt(xxe).is_err());
         let laughs = r#"<!DOCTYPE t [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><template><template_id><value>&b;</value></template_id></template>"#;
         assert!(parse_opt(laughs).is_err());
+        let deep = format!(
+            "<template>{}{}</template>",
+            "<a>".repeat(100_000),
+            "</a>".repeat(100_000)
+        );
+        let e = parse_opt(&deep).unwrap_err();
+        assert!(
+            e.to_string().contains("nest") || format!("{e:?}").contains("nest"),
+            "{e:?}"
+        );
     }
 }
