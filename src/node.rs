@@ -11,7 +11,7 @@ use crate::cache::{CacheName, Caches, Change};
 use crate::catchup::{Invalidator, StepReport};
 use crate::config::Config;
 use crate::domain::{
-    self, normalize_template_id, parse_fc, parse_opt, FcDocument, FcFormat, OptDocument, Tenant,
+    self, normalize_template_id, parse_fc, FcDocument, FcFormat, OptDocument, Tenant,
 };
 use crate::error::{Error, Result};
 use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
@@ -230,7 +230,10 @@ impl Node {
         path_id: Option<&str>,
         mode: WriteMode,
     ) -> Result<(OptSummary, Written)> {
-        let t = parse_opt(xml)?;
+        // The whole template is parsed (and so validated) before anything is written.
+        let t = crate::domain::template::TemplateTree::parse(xml)?
+            .header()
+            .clone();
         check_path_id(
             path_id.map(normalize_template_id).as_deref(),
             &t.normalized_id,
@@ -324,6 +327,12 @@ impl Node {
         mode: WriteMode,
     ) -> Result<(FcDocument, Written)> {
         let doc = parse_fc(body, format, table.kind())?;
+        // The typed models validate every field and report every problem at once.
+        let text = utf8(body)?;
+        match table {
+            FcTable::Context => drop(crate::domain::fc_model::parse_context(text, format)?),
+            FcTable::Model => drop(crate::domain::fc_model::parse_model(text, format)?),
+        }
         check_path_id(
             path_id.map(|p| table.key(p)).as_deref(),
             &doc.key,

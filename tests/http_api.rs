@@ -291,7 +291,7 @@ async fn opt_put_creates_then_replaces_with_normalized_path_ids() {
 async fn opt_get_serves_the_xml_byte_for_byte_or_metadata_as_json() {
     let app = spawn_app().await;
     // CRLF line ends, a comment, odd indentation, non-ASCII text, trailing spaces: all kept.
-    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\r\n<!-- uploaded by a test;  keep   me -->\r\n<template   xmlns=\"http://schemas.openehr.org/v1\">\r\n\t<language><terminology_id><value>ISO_639-1</value></terminology_id><code_string>de</code_string></language>\r\n      <description><other_details id=\"sem_ver\">2.1.0</other_details></description>\r\n  <template_id><value>Größe und Gewicht</value></template_id>   \r\n<concept>Körpergröße – 身长</concept>\r\n</template>\r\n\r\n";
+    let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\r\n<!-- uploaded by a test;  keep   me -->\r\n<template   xmlns=\"http://schemas.openehr.org/v1\">\r\n\t<language><terminology_id><value>ISO_639-1</value></terminology_id><code_string>de</code_string></language>\r\n      <description><other_details id=\"sem_ver\">2.1.0</other_details></description>\r\n  <template_id><value>Größe und Gewicht</value></template_id>   \r\n<concept>Körpergröße – 身长</concept>\r\n<definition><rm_type_name>COMPOSITION</rm_type_name><node_id/></definition>\r\n</template>\r\n\r\n";
     put_xml(&app, "/opt/Gr%C3%B6%C3%9Fe%20und%20Gewicht", xml, &[])
         .await
         .expect(201);

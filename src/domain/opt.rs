@@ -95,6 +95,9 @@ pub struct OptDocument {
     /// The XML exactly as uploaded (shared: handing it out copies nothing).
     #[serde(skip)]
     pub content: bytes::Bytes,
+    /// The parsed definition tree (immutable, shared by every reader).
+    #[serde(skip)]
+    pub tree: std::sync::Arc<crate::domain::template::TemplateTree>,
     /// Created.
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,

@@ -296,14 +296,17 @@ impl Db {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let content: String = row.get("content");
-        let template = crate::domain::parse_opt(&content).map_err(|e| Error::CorruptRow {
-            what: "OPT",
-            id: format!("{tenant}:{template_id}"),
-            reason: e.to_string(),
+        let tree = crate::domain::template::TemplateTree::parse(&content).map_err(|e| {
+            Error::CorruptRow {
+                what: "OPT",
+                id: format!("{tenant}:{template_id}"),
+                reason: e.to_string(),
+            }
         })?;
         Ok(Some(OptDocument {
             tenant: tenant.to_string(),
-            template,
+            template: tree.header().clone(),
+            tree: Arc::new(tree),
             size: content.len(),
             content: bytes::Bytes::from(content),
             created: row.get("created"),
