@@ -49,6 +49,16 @@ pub enum Error {
         id: String,
     },
 
+    /// The request is understood but cannot be carried out with what is stored (e.g. a mapper
+    /// that names models not uploaded): answered 422 with every problem.
+    #[error("{message}")]
+    Unprocessable {
+        /// One-line summary.
+        message: String,
+        /// Every problem found.
+        details: Vec<String>,
+    },
+
     /// The thing already exists (POST of an existing id) or the change is not allowed.
     #[error("{0}")]
     Conflict(String),

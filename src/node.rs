@@ -360,6 +360,96 @@ impl Node {
         .await
     }
 
+    // ---- compiled artifacts ----
+
+    /// The compiled mapper index of a template (cached in the FHIR Connect group; concurrent cold
+    /// requests compile once). A context that names models, extensions or a template that are
+    /// not uploaded is `Unprocessable`, listing every missing name; nothing is cached then.
+    pub async fn mapper(
+        &self,
+        tenant: &str,
+        template_id: &str,
+    ) -> Result<Arc<crate::domain::mapper::CompiledMapper>> {
+        let id = normalize_template_id(template_id);
+        domain::validate_artifact_id("template id", &id)?;
+        self.caches
+            .mapper
+            .get_or_load(tenant, Some(&id), || async {
+                let compiled = self.compile_mapper(tenant, &id).await?;
+                Ok(self.loaded(CacheName::Mapper, &id, compiled).await)
+            })
+            .await
+    }
+
+    async fn compile_mapper(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<crate::domain::mapper::CompiledMapper> {
+        use crate::domain::fc_model::{parse_context, parse_model};
+        let ctx = self.context(tenant, id).await?;
+        let context = parse_context(&ctx.content, ctx.format)?;
+        let mut models = std::collections::BTreeMap::new();
+        for m in self.db.fcs(FcTable::Model, tenant).await? {
+            // Stored models were validated at upload; one that no longer parses is reported.
+            let typed = parse_model(&m.content, m.format).map_err(|e| Error::CorruptRow {
+                what: "model",
+                id: m.id.clone(),
+                reason: e.to_string(),
+            })?;
+            models.insert(m.id.clone(), typed);
+        }
+        let template_uploaded = match self.opt(tenant, id).await {
+            Ok(_) => true,
+            Err(e) if matches!(e.root(), Error::NotFound { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        let started = std::time::Instant::now();
+        let index =
+            crate::domain::mapper::compile(&context, &models, template_uploaded).map_err(|e| {
+                Error::Unprocessable {
+                    message: format!("cannot compile the mapper for template '{id}'"),
+                    details: e.missing,
+                }
+            })?;
+        Ok(crate::domain::mapper::CompiledMapper {
+            index,
+            compiled_at: time::OffsetDateTime::now_utc(),
+            node: self.id.clone(),
+            compile_us: started.elapsed().as_micros() as u64,
+        })
+    }
+
+    /// The helper tree of a template, shared and immutable (cached). Code that writes
+    /// per-request state must use [`Node::helpers_copy`].
+    pub async fn helpers(
+        &self,
+        tenant: &str,
+        template_id: &str,
+    ) -> Result<Arc<crate::domain::helpers::HelperTree>> {
+        let id = normalize_template_id(template_id);
+        domain::validate_artifact_id("template id", &id)?;
+        self.caches
+            .helpers
+            .get_or_load(tenant, Some(&id), || async {
+                let mapper = self.mapper(tenant, &id).await?;
+                let opt = self.opt(tenant, &id).await?;
+                let tree = crate::domain::helpers::build(&mapper.index, &opt.tree);
+                Ok(self.loaded(CacheName::Helpers, &id, tree).await)
+            })
+            .await
+    }
+
+    /// An isolated copy of the helper tree for one use: mutating it never changes the cached
+    /// tree or another request's copy.
+    pub async fn helpers_copy(
+        &self,
+        tenant: &str,
+        template_id: &str,
+    ) -> Result<crate::domain::helpers::HelperTree> {
+        Ok((*self.helpers(tenant, template_id).await?).clone())
+    }
+
     // ---- FHIR Connect models ----
 
     /// A model or extension, by name (read from the database; compiled artifacts are cached).

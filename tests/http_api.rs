@@ -1584,7 +1584,18 @@ async fn caches_report_every_cache_with_ttl_and_counters() {
         .iter()
         .map(|c| c["cache"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["opt", "context", "all_contexts", "tenant"], "{v}");
+    assert_eq!(
+        names,
+        [
+            "opt",
+            "context",
+            "all_contexts",
+            "mapper",
+            "helpers",
+            "tenant"
+        ],
+        "{v}"
+    );
     for c in caches {
         for counter in [
             "entries",
@@ -1719,7 +1730,14 @@ async fn metrics_are_prometheus_text() {
         .unwrap_or_else(|| panic!("no opt hits series in:\n{text}"));
     let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_eq!(value, hits, "{line}");
-    for cache in ["opt", "context", "all_contexts", "tenant"] {
+    for cache in [
+        "opt",
+        "context",
+        "all_contexts",
+        "mapper",
+        "helpers",
+        "tenant",
+    ] {
         assert!(
             text.contains(&format!(
                 "openfhir_cache_ttl_seconds{{cache=\"{cache}\"}} -1"

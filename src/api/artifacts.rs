@@ -269,3 +269,32 @@ pub async fn delete_model(
 ) -> ApiResult<Response> {
     delete_fc(&node, FcTable::Model, &t, &name).await
 }
+
+// ---- compiled artifacts ----
+
+pub async fn get_mapper(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let m = node.mapper(&t, &id).await?;
+    let s = m.index.summary();
+    Ok(Json(json!({
+        "templateId": m.index.template_id,
+        "models": s["models"],
+        "byArchetype": s["by_archetype"],
+        "mergedExtensions": s["merged_extensions"],
+        "compiledAt": m.compiled_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "node": m.node,
+        "compileMicros": m.compile_us,
+    }))
+    .into_response())
+}
+
+pub async fn get_helpers(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(Json(&*node.helpers(&t, &id).await?).into_response())
+}

@@ -40,6 +40,11 @@ impl From<Error> for ApiError {
             }
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, root.to_string(), vec![]),
             Error::Conflict(m) => (StatusCode::CONFLICT, m.clone(), vec![]),
+            Error::Unprocessable { message, details } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                message.clone(),
+                details.clone(),
+            ),
             Error::Db(db) if root.is_bad_value() => (
                 StatusCode::BAD_REQUEST,
                 "invalid value".to_string(),

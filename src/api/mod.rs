@@ -107,6 +107,8 @@ pub fn router(node: Arc<Node>) -> Router {
                 .put(artifacts::put_model)
                 .delete(artifacts::delete_model),
         )
+        .route("/fc/mapper/{template_id}", get(artifacts::get_mapper))
+        .route("/fc/helpers/{template_id}", get(artifacts::get_helpers))
         .route("/tenants", get(tenants::list))
         .route(
             "/tenants/{id}",

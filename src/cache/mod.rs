@@ -44,14 +44,20 @@ pub enum CacheName {
     AllContexts,
     /// `tenant` -> tenant record.
     Tenant,
+    /// `tenant:templateId` -> compiled mapper index.
+    Mapper,
+    /// `tenant:templateId` -> helper tree.
+    Helpers,
 }
 
 impl CacheName {
     /// Every cache, in display order.
-    pub const ALL: [CacheName; 4] = [
+    pub const ALL: [CacheName; 6] = [
         CacheName::Opt,
         CacheName::Context,
         CacheName::AllContexts,
+        CacheName::Mapper,
+        CacheName::Helpers,
         CacheName::Tenant,
     ];
 
@@ -59,7 +65,10 @@ impl CacheName {
     pub fn group(self) -> Group {
         match self {
             CacheName::Opt => Group::Opt,
-            CacheName::Context | CacheName::AllContexts => Group::FhirConnect,
+            CacheName::Context
+            | CacheName::AllContexts
+            | CacheName::Mapper
+            | CacheName::Helpers => Group::FhirConnect,
             CacheName::Tenant => Group::Tenant,
         }
     }
@@ -76,6 +85,8 @@ impl CacheName {
             CacheName::Context => "context",
             CacheName::AllContexts => "all_contexts",
             CacheName::Tenant => "tenant",
+            CacheName::Mapper => "mapper",
+            CacheName::Helpers => "helpers",
         }
     }
 }
@@ -152,10 +163,9 @@ pub enum Scope {
 
 /// THE eviction rule: which entries of which caches a change invalidates.
 ///
-/// * OPT -> `opt` of that key.
-/// * context -> `context` of that key and `all_contexts` of the tenant.
-/// * model -> nothing cached yet depends on a model alone; the mapper and helper caches of the
-///   tenant will (compiled-artifacts issue).
+/// * OPT -> `opt`, `mapper` and `helpers` of that key.
+/// * context -> `context`, `mapper` and `helpers` of that key and `all_contexts` of the tenant.
+/// * model -> `mapper` and `helpers` of every template of the tenant.
 /// * tenant -> the tenant record; deleted: every entry of the tenant in every cache.
 pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
     let key = |t: &str, id: &str| Scope::Key {
@@ -170,15 +180,27 @@ pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
         Change::Opt {
             tenant,
             template_id,
-        } => vec![(CacheName::Opt, key(tenant, template_id))],
+        } => vec![
+            (CacheName::Opt, key(tenant, template_id)),
+            (CacheName::Mapper, key(tenant, template_id)),
+            (CacheName::Helpers, key(tenant, template_id)),
+        ],
         Change::Context {
             tenant,
             template_id,
         } => vec![
             (CacheName::Context, key(tenant, template_id)),
             (CacheName::AllContexts, tenant_key(tenant)),
+            (CacheName::Mapper, key(tenant, template_id)),
+            (CacheName::Helpers, key(tenant, template_id)),
         ],
-        Change::Model { .. } | Change::Custom { .. } => vec![],
+        // Any template of the tenant may name the model (or an extension of it): evict the
+        // tenant's compiled artifacts, never less.
+        Change::Model { tenant, .. } => vec![
+            (CacheName::Mapper, Scope::Tenant(tenant.clone())),
+            (CacheName::Helpers, Scope::Tenant(tenant.clone())),
+        ],
+        Change::Custom { .. } => vec![],
         Change::Tenant {
             tenant,
             deleted: false,
@@ -279,6 +301,10 @@ pub struct Caches {
     pub all_contexts: VersionedCache<Vec<Arc<FcDocument>>>,
     /// `tenant` -> tenant record.
     pub tenant: VersionedCache<Tenant>,
+    /// `tenant:templateId` -> compiled mapper index.
+    pub mapper: VersionedCache<crate::domain::mapper::CompiledMapper>,
+    /// `tenant:templateId` -> helper tree (hand out copies, see `Node::helpers_copy`).
+    pub helpers: VersionedCache<crate::domain::helpers::HelperTree>,
     custom: std::sync::RwLock<std::collections::HashMap<String, Arc<dyn CustomGroup>>>,
 }
 
@@ -304,6 +330,8 @@ impl Caches {
             context: VersionedCache::new("context", cfg.fhir_connect_ttl),
             all_contexts: VersionedCache::new("all_contexts", cfg.fhir_connect_ttl),
             tenant: VersionedCache::new("tenant", cfg.tenant_ttl),
+            mapper: VersionedCache::new("mapper", cfg.fhir_connect_ttl),
+            helpers: VersionedCache::new("helpers", cfg.fhir_connect_ttl),
             custom: Default::default(),
         }
     }
@@ -364,6 +392,8 @@ impl Caches {
                 CacheName::Context => self.context.purge(scope).await,
                 CacheName::AllContexts => self.all_contexts.purge(scope).await,
                 CacheName::Tenant => self.tenant.purge(scope).await,
+                CacheName::Mapper => self.mapper.purge(scope).await,
+                CacheName::Helpers => self.helpers.purge(scope).await,
             }
         }
         t.len()
@@ -379,6 +409,8 @@ impl Caches {
                 CacheName::Context => self.context.invalidate_now(&scope),
                 CacheName::AllContexts => self.all_contexts.invalidate_now(&scope),
                 CacheName::Tenant => self.tenant.invalidate_now(&scope),
+                CacheName::Mapper => self.mapper.invalidate_now(&scope),
+                CacheName::Helpers => self.helpers.invalidate_now(&scope),
             }
         }
     }
@@ -404,6 +436,8 @@ impl Caches {
                     (self.all_contexts.ttl(), self.all_contexts.stats().await)
                 }
                 CacheName::Tenant => (self.tenant.ttl(), self.tenant.stats().await),
+                CacheName::Mapper => (self.mapper.ttl(), self.mapper.stats().await),
+                CacheName::Helpers => (self.helpers.ttl(), self.helpers.stats().await),
             };
             out.push(CacheReport {
                 cache,
@@ -454,19 +488,21 @@ mod tests {
 
     #[test]
     fn the_rule() {
+        let k = |id: Option<&str>| Scope::Key {
+            tenant: "a".into(),
+            id: id.map(Into::into),
+        };
         let opt = Change::Opt {
             tenant: "a".into(),
             template_id: "t".into(),
         };
         assert_eq!(
             targets(&opt),
-            vec![(
-                CacheName::Opt,
-                Scope::Key {
-                    tenant: "a".into(),
-                    id: Some("t".into())
-                }
-            )]
+            vec![
+                (CacheName::Opt, k(Some("t"))),
+                (CacheName::Mapper, k(Some("t"))),
+                (CacheName::Helpers, k(Some("t"))),
+            ]
         );
         let ctx = Change::Context {
             tenant: "a".into(),
@@ -475,20 +511,21 @@ mod tests {
         assert_eq!(
             targets(&ctx),
             vec![
-                (
-                    CacheName::Context,
-                    Scope::Key {
-                        tenant: "a".into(),
-                        id: Some("t".into())
-                    }
-                ),
-                (
-                    CacheName::AllContexts,
-                    Scope::Key {
-                        tenant: "a".into(),
-                        id: None
-                    }
-                ),
+                (CacheName::Context, k(Some("t"))),
+                (CacheName::AllContexts, k(None)),
+                (CacheName::Mapper, k(Some("t"))),
+                (CacheName::Helpers, k(Some("t"))),
+            ]
+        );
+        let model = Change::Model {
+            tenant: "a".into(),
+            name: "OBSERVATION.height.v2".into(),
+        };
+        assert_eq!(
+            targets(&model),
+            vec![
+                (CacheName::Mapper, Scope::Tenant("a".into())),
+                (CacheName::Helpers, Scope::Tenant("a".into())),
             ]
         );
         let del = Change::Tenant {

@@ -2,6 +2,8 @@
 
 pub mod fc_model;
 pub mod fhir_connect;
+pub mod helpers;
+pub mod mapper;
 pub mod opt;
 pub mod template;
 

@@ -1,0 +1,584 @@
+//! Helpers: the tree of a context's mappings with their openEHR paths resolved against the
+//! template's node tree.
+//!
+//! [`build`] is pure. A [`HelperTree`] is plain owned data: a cached tree is shared read-only, and
+//! each mapping request works on its own `clone()` (its per-request `state` never leaks).
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::domain::fc_model::{Mapping, ModelDocument};
+use crate::domain::mapper::MapperIndex;
+use crate::domain::template::TemplateTree;
+
+/// Deepest helper nesting expanded; children below it are reported in
+/// [`HelperTree::unresolved`] instead.
+pub const MAX_DEPTH: usize = 32;
+
+/// One mapping, resolved.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Helper {
+    /// The model the mapping belongs to (`metadata.name`).
+    pub model: String,
+    /// The mapping's name (empty when it has none).
+    pub mapping: String,
+    /// `with.fhir`, as written.
+    pub fhir_path: Option<String>,
+    /// `with.openehr` made absolute: `$archetype`, `$composition` and `$reference` replaced,
+    /// relative paths joined to the parent's. `None` when the mapping has no openEHR side.
+    pub openehr_path: Option<String>,
+    /// True when the template has a node at `openehr_path` or at its parent (a path ending in an
+    /// RM attribute the template does not constrain, like `/time`). False without openEHR side.
+    pub resolved: bool,
+    /// Child mappings: `followedBy`, then `reference`, then the slotted model's mappings.
+    pub children: Vec<Helper>,
+    /// Per-request scratch state; empty when built.
+    pub state: Map<String, Value>,
+}
+
+/// The helpers of one template.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HelperTree {
+    /// The normalized template id.
+    pub template_id: String,
+    /// One helper per mapping of the start model(s).
+    pub roots: Vec<Helper>,
+    /// What did not resolve: `model/mapping: path` for openEHR paths, and `start: ...`,
+    /// `archetype: ...`, `slot: ...`, `cycle: ...`, `depth: ...`, `template: ...` entries.
+    pub unresolved: Vec<String>,
+}
+
+impl HelperTree {
+    /// Every helper, depth first, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Helper> {
+        let mut stack: Vec<&Helper> = self.roots.iter().rev().collect();
+        std::iter::from_fn(move || {
+            let h = stack.pop()?;
+            stack.extend(h.children.iter().rev());
+            Some(h)
+        })
+    }
+}
+
+/// Builds the helpers of `index` against `template`.
+///
+/// The roots are the mappings of the model `context.start` designates (a model name or an
+/// archetype id, see [`MapperIndex::resolve`]). When `start` designates no model (typically the
+/// template's root COMPOSITION archetype), the roots are the mappings of every model of
+/// `context.archetypes`, in order; a `start` that is neither a model nor the template's root
+/// archetype is also reported in `unresolved`.
+///
+/// openEHR paths: `$archetype` becomes the path of the first template node whose archetype id is
+/// the model's (for a slotted model, the first such node under the slot, else the slot's own
+/// path), `$composition` the root path, `$reference` the path of the mapping holding the
+/// `reference`; a path without `$` is relative to the parent mapping's path. Children come from
+/// `followedBy.mappings`, `reference.mappings` and `slotArchetype` (the mappings of the slotted
+/// model). A model already being expanded on the current branch is not expanded again
+/// (`cycle: ...`), and nothing deeper than [`MAX_DEPTH`] is expanded (`depth: ...`).
+pub fn build(index: &MapperIndex, template: &TemplateTree) -> HelperTree {
+    let mut b = Builder {
+        index,
+        template,
+        unresolved: Vec::new(),
+        branch: Vec::new(),
+    };
+    if template.header().normalized_id != index.template_id {
+        b.unresolved.push(format!(
+            "template: the mapper is for '{}', the template is '{}'",
+            index.template_id,
+            template.header().normalized_id
+        ));
+    }
+    let ctx = index.context.context.as_ref();
+    let start = ctx
+        .and_then(|c| c.start.as_deref())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let mut roots = Vec::new();
+    match start.and_then(|s| index.resolve(s)) {
+        Some((name, model)) => roots = b.model(name, model, None, 1),
+        None => {
+            let root_archetype = template.root().archetype_id.as_deref();
+            if start.is_none() || start != root_archetype {
+                b.unresolved.push(match start {
+                    None => "start: the context has no context.start".to_string(),
+                    Some(s) => format!(
+                        "start: '{s}' is neither a model of the context nor the template's root archetype"
+                    ),
+                });
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for name in ctx
+                .and_then(|c| c.archetypes.as_deref())
+                .unwrap_or_default()
+            {
+                if let Some((name, model)) = index.by_model.get_key_value(name.trim()) {
+                    if seen.insert(name.as_str()) {
+                        roots.extend(b.model(name, model, None, 1));
+                    }
+                }
+            }
+        }
+    }
+    HelperTree {
+        template_id: index.template_id.clone(),
+        roots,
+        unresolved: b.unresolved,
+    }
+}
+
+/// Where the `$` variables and relative paths of a mapping point.
+#[derive(Clone, Default)]
+struct Scope {
+    archetype: Option<String>,
+    parent: Option<String>,
+    reference: Option<String>,
+}
+
+struct Builder<'a> {
+    index: &'a MapperIndex,
+    template: &'a TemplateTree,
+    unresolved: Vec<String>,
+    /// The models being expanded on the current branch, outermost first.
+    branch: Vec<String>,
+}
+
+impl Builder<'_> {
+    /// The helpers of every mapping of `model`; `slot` is the path of the slot it is pulled into.
+    fn model(
+        &mut self,
+        name: &str,
+        model: &ModelDocument,
+        slot: Option<&str>,
+        depth: usize,
+    ) -> Vec<Helper> {
+        let archetype = self.archetype_path(name, model, slot);
+        let scope = Scope {
+            archetype,
+            ..Scope::default()
+        };
+        self.branch.push(name.to_string());
+        let helpers = model
+            .mappings()
+            .iter()
+            .map(|m| self.mapping(name, m, &scope, depth))
+            .collect();
+        self.branch.pop();
+        helpers
+    }
+
+    /// The path `$archetype` stands for in `model`.
+    fn archetype_path(
+        &mut self,
+        name: &str,
+        model: &ModelDocument,
+        slot: Option<&str>,
+    ) -> Option<String> {
+        let id = model.archetype()?;
+        let mut nodes = self
+            .template
+            .iter()
+            .filter(|n| n.archetype_id.as_deref() == Some(id));
+        let found = match slot {
+            Some(s) => nodes
+                .find(|n| is_under(&n.path, s))
+                .or_else(|| {
+                    self.template
+                        .iter()
+                        .find(|n| n.archetype_id.as_deref() == Some(id))
+                })
+                .map(|n| n.path.clone())
+                .or_else(|| Some(s.to_string())),
+            None => nodes.next().map(|n| n.path.clone()),
+        };
+        if found.is_none() {
+            self.unresolved.push(format!(
+                "archetype: model '{name}': archetype '{id}' is not in the template"
+            ));
+        }
+        found
+    }
+
+    fn mapping(&mut self, model: &str, m: &Mapping, scope: &Scope, depth: usize) -> Helper {
+        let name = m.name.clone().unwrap_or_default();
+        let with = m.with.as_ref();
+        let openehr_path = with
+            .and_then(|w| w.openehr.as_deref())
+            .map(|raw| substitute(raw.trim(), scope, &self.template.root().path));
+        let resolved = openehr_path.as_deref().is_some_and(|p| self.resolves(p));
+        if let (Some(p), false) = (&openehr_path, resolved) {
+            self.unresolved.push(format!("{model}/{name}: {p}"));
+        }
+
+        let followed = m.followed_by.as_ref().and_then(|f| f.mappings.as_deref());
+        let referenced = m.reference.as_ref().and_then(|r| r.mappings.as_deref());
+        let slot = m
+            .slot_archetype
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let has_children = followed.is_some_and(|f| !f.is_empty())
+            || referenced.is_some_and(|r| !r.is_empty())
+            || slot.is_some();
+        let mut children = Vec::new();
+        if has_children && depth >= MAX_DEPTH {
+            self.unresolved.push(format!(
+                "depth: {model}/{name}: children deeper than {MAX_DEPTH} levels are not expanded"
+            ));
+        } else if has_children {
+            let here = openehr_path.clone().or_else(|| scope.parent.clone());
+            let child_scope = Scope {
+                parent: here.clone(),
+                ..scope.clone()
+            };
+            for c in followed.unwrap_or_default() {
+                children.push(self.mapping(model, c, &child_scope, depth + 1));
+            }
+            let ref_scope = Scope {
+                parent: here.clone(),
+                reference: here.clone(),
+                ..scope.clone()
+            };
+            for c in referenced.unwrap_or_default() {
+                children.push(self.mapping(model, c, &ref_scope, depth + 1));
+            }
+            if let Some(slot) = slot {
+                match self.index.resolve(slot) {
+                    None => self.unresolved.push(format!(
+                        "slot: {model}/{name}: '{slot}' names no model of the context"
+                    )),
+                    Some((target, _)) if self.branch.iter().any(|b| b == target) => {
+                        self.unresolved.push(format!(
+                            "cycle: {model}/{name}: {} -> {target} is not expanded again",
+                            self.branch.join(" -> ")
+                        ))
+                    }
+                    Some((target, tm)) => {
+                        let (target, tm) = (target.to_string(), std::sync::Arc::clone(tm));
+                        children.extend(self.model(&target, &tm, here.as_deref(), depth + 1));
+                    }
+                }
+            }
+        }
+        Helper {
+            model: model.to_string(),
+            mapping: name,
+            fhir_path: with.and_then(|w| w.fhir.clone()),
+            openehr_path,
+            resolved,
+            children,
+            state: Map::new(),
+        }
+    }
+
+    /// The template has a node at `path`, or at its parent when that is not the root.
+    fn resolves(&self, path: &str) -> bool {
+        self.template.find(path).is_some()
+            || parent(path).is_some_and(|p| p != "/" && self.template.find(p).is_some())
+    }
+}
+
+/// `raw` with its leading variable replaced (or joined to the parent when relative).
+fn substitute(raw: &str, scope: &Scope, root: &str) -> String {
+    let vars = [
+        ("$archetype", scope.archetype.as_deref()),
+        ("$composition", Some(root)),
+        ("$reference", scope.reference.as_deref()),
+    ];
+    for (var, base) in vars {
+        if let Some(rest) = raw.strip_prefix(var) {
+            if rest.is_empty() || rest.starts_with('/') {
+                return match base {
+                    Some(b) => join(b, rest),
+                    None => raw.to_string(),
+                };
+            }
+        }
+    }
+    if raw.starts_with('$') || raw.starts_with('/') {
+        return raw.to_string();
+    }
+    match scope.parent.as_deref() {
+        Some(p) => join(p, &format!("/{raw}")),
+        None => raw.to_string(),
+    }
+}
+
+/// `base` + `rest` (`rest` empty or starting with `/`), without doubling the root's `/`.
+fn join(base: &str, rest: &str) -> String {
+    if rest.is_empty() {
+        base.to_string()
+    } else if base == "/" || base.is_empty() {
+        rest.to_string()
+    } else {
+        format!("{}{rest}", base.trim_end_matches('/'))
+    }
+}
+
+/// `path` without its last segment (a `/` inside `[...]` does not split).
+fn parent(path: &str) -> Option<&str> {
+    let mut depth = 0i32;
+    let mut last = None;
+    for (i, c) in path.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            '/' if depth == 0 => last = Some(i),
+            _ => {}
+        }
+    }
+    match last? {
+        0 if path.len() > 1 => Some("/"),
+        0 => None,
+        i => Some(&path[..i]),
+    }
+}
+
+/// `path` is `base` or below it.
+fn is_under(path: &str, base: &str) -> bool {
+    path == base
+        || (path.starts_with(base) && (base.ends_with('/') || path[base.len()..].starts_with('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::mapper::compile;
+    use crate::domain::mapper::fixtures::*;
+    use std::sync::Arc;
+
+    const SLOTS: &str = include_str!("../../tests/fixtures/slots.context.yml");
+    const DEVICE: &str = include_str!("../../tests/fixtures/device_details.model.yml");
+    const LOOP_CTX: &str = include_str!("../../tests/fixtures/loop.context.yml");
+    const LOOP: &str = include_str!("../../tests/fixtures/loop.model.yml");
+
+    fn template() -> TemplateTree {
+        TemplateTree::parse(OPT).unwrap()
+    }
+
+    fn find<'a>(t: &'a HelperTree, model: &str, mapping: &str) -> &'a Helper {
+        t.iter()
+            .find(|h| h.model == model && h.mapping == mapping)
+            .unwrap_or_else(|| panic!("no helper {model}/{mapping}"))
+    }
+
+    const H: &str = "/content[openEHR-EHR-OBSERVATION.height.v2]";
+    const W: &str = "/content[openEHR-EHR-OBSERVATION.body_weight.v2]";
+
+    #[test]
+    fn growth_chart_helpers() {
+        let idx = compile(&context(CONTEXT), &growth_models(), true).unwrap();
+        let t = build(&idx, &template());
+        assert_eq!(t.template_id, "growth_chart");
+        // start is the COMPOSITION: every model of context.archetypes is a root, in order.
+        let roots: Vec<_> = t
+            .roots
+            .iter()
+            .map(|h| format!("{}/{}", h.model, h.mapping))
+            .collect();
+        assert_eq!(roots.len(), 7 + 5);
+        assert_eq!(roots[0], "OBSERVATION.height.v2/height");
+        assert_eq!(roots[7], "OBSERVATION.body_weight.v2/weight");
+
+        let path = |m: &str, n: &str| {
+            let h = find(&t, m, n);
+            (h.openehr_path.clone().unwrap_or_default(), h.resolved)
+        };
+        let hm = "OBSERVATION.height.v2";
+        let wm = "OBSERVATION.body_weight.v2";
+        let expect = [
+            (
+                hm,
+                "height",
+                format!("{H}/data[at0001]/events[at0002]/data[at0003]/items[at0004]"),
+                true,
+            ),
+            (hm, "code", H.to_string(), true),
+            (
+                hm,
+                "device",
+                format!("{H}/protocol[at0007]/items[at0011]"),
+                true,
+            ),
+            (
+                hm,
+                "deviceName",
+                format!("{H}/protocol[at0007]/items[at0011]/items[at0012]"),
+                true,
+            ),
+            (
+                hm,
+                "deviceDetails",
+                format!("{H}/protocol[at0007]/items[at0011]/items[at0013]"),
+                true,
+            ),
+            (
+                hm,
+                "bodySite",
+                format!("{H}/protocol[at0007]/items[at0011]/items[at0012]"),
+                true,
+            ),
+            (
+                hm,
+                "positionCode",
+                format!("{H}/data[at0001]/events[at0002]/state[at0013]/items[at0014]"),
+                false,
+            ),
+            (
+                wm,
+                "time",
+                format!("{W}/data[at0002]/events[at0003]/time"),
+                true,
+            ),
+            (
+                wm,
+                "clothingCode",
+                format!("{W}/data[at0002]/events[at0003]/state[at0008]/items[at0025]/value"),
+                true,
+            ),
+            (wm, "subject", "/context".to_string(), true),
+        ];
+        for (m, n, p, ok) in expect {
+            assert_eq!(path(m, n), (p, ok), "{m}/{n}");
+        }
+        // No openEHR side: no path, nothing to resolve, not reported.
+        let status = find(&t, hm, "status");
+        assert_eq!(
+            (status.openehr_path.as_deref(), status.resolved),
+            (None, false)
+        );
+        assert_eq!(status.fhir_path.as_deref(), Some("$resource.status"));
+        // The appended followedBy mapping hangs under `height`.
+        assert_eq!(t.roots[0].children[0].mapping, "unitSystem");
+        // The overwritten `code` mapping is the extension's.
+        assert!(t.iter().all(|h| h.state.is_empty()));
+
+        assert_eq!(
+            t.unresolved,
+            [
+                format!("slot: {hm}/deviceDetails: 'CLUSTER.device_details.v1' names no model of the context"),
+                format!("{hm}/positionCode: {H}/data[at0001]/events[at0002]/state[at0013]/items[at0014]"),
+            ]
+        );
+    }
+
+    #[test]
+    fn slot_pulls_another_model() {
+        let models = models(&[HEIGHT, DEVICE]);
+        let idx = compile(&context(SLOTS), &models, true).unwrap();
+        let t = build(&idx, &template());
+        // start names the height model: only its mappings are roots.
+        assert!(t.roots.iter().all(|h| h.model == "OBSERVATION.height.v2"));
+        assert_eq!(t.roots.len(), 6);
+        let slot = find(&t, "OBSERVATION.height.v2", "deviceDetails");
+        let pulled: Vec<_> = slot
+            .children
+            .iter()
+            .map(|h| (h.model.as_str(), h.mapping.as_str(), h.resolved))
+            .collect();
+        assert_eq!(
+            pulled,
+            [
+                ("CLUSTER.device_details.v1", "details", true),
+                ("CLUSTER.device_details.v1", "serial", false)
+            ]
+        );
+        // `$archetype` of the slotted model is the slot (the template has no node of its own).
+        let slot_path = format!("{H}/protocol[at0007]/items[at0011]/items[at0013]");
+        assert_eq!(slot.children[0].openehr_path.as_deref(), Some(&*slot_path));
+        assert_eq!(
+            t.unresolved,
+            [
+                format!("CLUSTER.device_details.v1/serial: {slot_path}/items[at0001]/value"),
+                format!("OBSERVATION.height.v2/positionCode: {H}/data[at0001]/events[at0002]/state[at0013]/items[at0014]"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_model_slotting_itself_is_not_expanded_again() {
+        let idx = compile(&context(LOOP_CTX), &models(&[LOOP]), true).unwrap();
+        let t = build(&idx, &template());
+        assert_eq!(t.roots.len(), 1);
+        let again = &t.roots[0];
+        assert_eq!(
+            again.openehr_path.as_deref(),
+            Some("/context/other_context[at0001]")
+        );
+        assert!(again.resolved);
+        assert!(again.children.is_empty());
+        assert_eq!(
+            t.unresolved,
+            [
+                "archetype: model 'CLUSTER.loop.v1': archetype 'openEHR-EHR-CLUSTER.loop.v1' is not in the template",
+                "cycle: CLUSTER.loop.v1/again: CLUSTER.loop.v1 -> CLUSTER.loop.v1 is not expanded again",
+            ]
+        );
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let mut idx = compile(&context(CONTEXT), &growth_models(), true).unwrap();
+        // A followedBy chain 40 deep under `comment`.
+        let mut m = Mapping {
+            name: Some("leaf".into()),
+            ..Mapping::default()
+        };
+        for i in 0..40 {
+            m = Mapping {
+                name: Some(format!("n{i}")),
+                followed_by: Some(crate::domain::fc_model::FollowedBy {
+                    mappings: Some(vec![m]),
+                    ..Default::default()
+                }),
+                ..Mapping::default()
+            };
+        }
+        let mut height = (*idx.by_model["OBSERVATION.height.v2"]).clone();
+        height.mappings.as_mut().unwrap()[1].followed_by = m.followed_by;
+        idx.by_model
+            .insert("OBSERVATION.height.v2".into(), Arc::new(height));
+        let t = build(&idx, &template());
+        let mut h = &t.roots[1];
+        let mut levels = 1;
+        while let Some(c) = h.children.first() {
+            h = c;
+            levels += 1;
+        }
+        assert_eq!(levels, MAX_DEPTH);
+        assert!(t.unresolved.iter().any(|u| u.starts_with("depth: ")));
+    }
+
+    #[test]
+    fn clones_are_isolated() {
+        let idx = compile(&context(CONTEXT), &growth_models(), true).unwrap();
+        let original = build(&idx, &template());
+        let snapshot = original.clone();
+        let mut copy = original.clone();
+        copy.roots[0].state.insert("value".into(), Value::from(1.8));
+        copy.roots[0].children[0]
+            .state
+            .insert("seen".into(), Value::Bool(true));
+        copy.roots[0].openehr_path = Some("/changed".into());
+        copy.unresolved.clear();
+        assert_eq!(original, snapshot);
+        assert!(original.roots[0].state.is_empty());
+        assert_ne!(copy, original);
+        // Building again gives the same tree: nothing was written into the index.
+        assert_eq!(build(&idx, &template()), original);
+    }
+
+    #[test]
+    fn path_helpers() {
+        assert_eq!(parent("/a[x/y]/b"), Some("/a[x/y]"));
+        assert_eq!(parent("/a"), Some("/"));
+        assert_eq!(parent("/"), None);
+        assert_eq!(join("/", "/context"), "/context");
+        assert_eq!(join("/a", ""), "/a");
+        assert!(is_under("/a/b", "/a") && !is_under("/ab", "/a") && is_under("/a", "/"));
+        let s = Scope::default();
+        assert_eq!(substitute("$archetype/x", &s, "/"), "$archetype/x");
+        assert_eq!(substitute("$composition", &s, "/"), "/");
+        assert_eq!(substitute("$fhirRoot.x", &s, "/"), "$fhirRoot.x");
+    }
+}

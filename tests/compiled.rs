@@ -1,0 +1,297 @@
+//! Compiled artifacts end to end through the HTTP API against real PostgreSQL: the fixtures are
+//! uploaded, the mapper index and helper tree are compiled once and cached, and every change that
+//! affects them evicts them.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{spawn_app, TestApp};
+use openfhir_cache::cache::CacheName;
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+}
+
+async fn upload(app: &TestApp, path: &str, content_type: &str, body: String) -> reqwest::Response {
+    app.client
+        .put(app.url(path))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Uploads the growth chart OPT, its context, both core models and the three extensions.
+async fn upload_all(app: &TestApp) {
+    let r = upload(
+        app,
+        "/opt/Growth%20chart",
+        "application/xml",
+        fixture("growth_chart.opt"),
+    )
+    .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    for (name, file) in [
+        ("OBSERVATION.height.v2", "height.model.yml"),
+        ("OBSERVATION.body_weight.v2", "weight.model.yml"),
+        ("height-ext-add", "height.ext-add.yml"),
+        ("height-ext-append", "height.ext-append.yml"),
+        ("height-ext-overwrite", "height.ext-overwrite.yml"),
+    ] {
+        let r = upload(
+            app,
+            &format!("/fc/model/{name}"),
+            "application/yaml",
+            fixture(file),
+        )
+        .await;
+        assert_eq!(r.status(), 201, "{name}: {}", r.text().await.unwrap());
+    }
+    let r = upload(
+        app,
+        "/fc/context/Growth%20chart",
+        "application/yaml",
+        fixture("growth_chart.context.yml"),
+    )
+    .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+async fn json(app: &TestApp, path: &str) -> (u16, serde_json::Value) {
+    let r = app.client.get(app.url(path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn the_mapper_and_helpers_compile_once_and_follow_every_change() {
+    let app = spawn_app().await;
+    upload_all(&app).await;
+
+    let (s, m) = json(&app, "/fc/mapper/growth_chart").await;
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(m["templateId"], "growth_chart", "{m}");
+    assert_eq!(
+        m["mergedExtensions"],
+        serde_json::json!([
+            "height-ext-add",
+            "height-ext-append",
+            "height-ext-overwrite"
+        ]),
+        "{m}"
+    );
+    assert!(
+        m["byArchetype"]["openEHR-EHR-OBSERVATION.height.v2"].is_string(),
+        "{m}"
+    );
+    assert_eq!(m["node"], app.node.id(), "{m}");
+    let (s, h) = json(&app, "/fc/helpers/growth_chart").await;
+    assert_eq!(s, 200, "{h}");
+    assert!(!h["roots"].as_array().unwrap().is_empty(), "{h}");
+
+    // Cached: a second read compiles nothing.
+    let compiles = app.stats(CacheName::Mapper).await.stats.loads;
+    let helper_builds = app.stats(CacheName::Helpers).await.stats.loads;
+    assert_eq!(json(&app, "/fc/mapper/growth_chart").await.0, 200);
+    assert_eq!(json(&app, "/fc/helpers/growth_chart").await.0, 200);
+    assert_eq!(app.stats(CacheName::Mapper).await.stats.loads, compiles);
+    assert_eq!(
+        app.stats(CacheName::Helpers).await.stats.loads,
+        helper_builds
+    );
+
+    // A model update changes the next compiled index.
+    let before = m["models"]["OBSERVATION.body_weight.v2"]["mappings"]
+        .as_u64()
+        .unwrap();
+    let weight = fixture("weight.model.yml").replacen(
+        "\nmappings:\n",
+        "\nmappings:\n  - name: extraNote\n    with:\n      fhir: \"$resource.note\"\n      openehr: \"$archetype/data[at0002]\"\n",
+        1,
+    );
+    let r = upload(
+        &app,
+        "/fc/model/OBSERVATION.body_weight.v2",
+        "application/yaml",
+        weight,
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (_, m2) = json(&app, "/fc/mapper/growth_chart").await;
+    assert_eq!(
+        m2["models"]["OBSERVATION.body_weight.v2"]["mappings"]
+            .as_u64()
+            .unwrap(),
+        before + 1,
+        "{m2}"
+    );
+    assert_eq!(app.stats(CacheName::Mapper).await.stats.loads, compiles + 1);
+
+    // An OPT change evicts the mapper and the helpers of that template.
+    let r = upload(
+        &app,
+        "/opt/Growth%20chart",
+        "application/xml",
+        fixture("growth_chart.opt"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        !app.node
+            .caches()
+            .mapper
+            .contains("default", Some("growth_chart"))
+            .await
+    );
+    assert!(
+        !app.node
+            .caches()
+            .helpers
+            .contains("default", Some("growth_chart"))
+            .await
+    );
+}
+
+#[tokio::test]
+async fn compile_errors_list_every_missing_name_and_cache_nothing() {
+    let app = spawn_app().await;
+    // No OPT, no models: only the context.
+    let r = upload(
+        &app,
+        "/fc/context/Growth%20chart",
+        "application/yaml",
+        fixture("growth_chart.context.yml"),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let (s, body) = json(&app, "/fc/mapper/growth_chart").await;
+    assert_eq!(s, 422, "{body}");
+    let details = body["details"].to_string();
+    for name in [
+        "OBSERVATION.height.v2",
+        "OBSERVATION.body_weight.v2",
+        "height-ext-add",
+        "growth_chart",
+    ] {
+        assert!(details.contains(name), "{name} missing from {details}");
+    }
+    assert_eq!(json(&app, "/fc/helpers/growth_chart").await.0, 422);
+    assert_eq!(app.stats(CacheName::Mapper).await.stats.entries, 0);
+    // Uploading what was missing makes it compile: nothing stale was cached.
+    upload_all_but_context(&app).await;
+    assert_eq!(json(&app, "/fc/mapper/growth_chart").await.0, 200);
+    // No context at all: 404.
+    assert_eq!(json(&app, "/fc/mapper/unknown").await.0, 404);
+}
+
+async fn upload_all_but_context(app: &TestApp) {
+    let r = upload(
+        app,
+        "/opt/Growth%20chart",
+        "application/xml",
+        fixture("growth_chart.opt"),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    for (name, file) in [
+        ("OBSERVATION.height.v2", "height.model.yml"),
+        ("OBSERVATION.body_weight.v2", "weight.model.yml"),
+        ("height-ext-add", "height.ext-add.yml"),
+        ("height-ext-append", "height.ext-append.yml"),
+        ("height-ext-overwrite", "height.ext-overwrite.yml"),
+    ] {
+        let r = upload(
+            app,
+            &format!("/fc/model/{name}"),
+            "application/yaml",
+            fixture(file),
+        )
+        .await;
+        assert_eq!(r.status(), 201, "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_cold_requests_compile_once() {
+    let app = spawn_app().await;
+    upload_all(&app).await;
+    // Hold each load open so every request arrives while the first compile is in flight.
+    app.node.set_load_hook(Some(Arc::new(|_, _| {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(200)))
+    })));
+    let compiles = app.stats(CacheName::Mapper).await.stats.loads;
+    let reqs: Vec<_> = (0..200)
+        .map(|_| {
+            let (c, u) = (app.client.clone(), app.url("/fc/mapper/growth_chart"));
+            tokio::spawn(async move { c.get(u).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for r in reqs {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    assert_eq!(app.stats(CacheName::Mapper).await.stats.loads, compiles + 1);
+}
+
+#[tokio::test]
+async fn every_use_of_the_helpers_gets_an_isolated_copy() {
+    let app = spawn_app().await;
+    upload_all(&app).await;
+    let mut mine = app
+        .node
+        .helpers_copy("default", "growth_chart")
+        .await
+        .unwrap();
+    let theirs = app
+        .node
+        .helpers_copy("default", "growth_chart")
+        .await
+        .unwrap();
+    mine.roots[0]
+        .state
+        .insert("request".into(), serde_json::json!("mine"));
+    mine.roots[0].fhir_path = Some("changed".into());
+    let again = app
+        .node
+        .helpers_copy("default", "growth_chart")
+        .await
+        .unwrap();
+    assert_eq!(
+        theirs, again,
+        "the cached tree and other copies are untouched"
+    );
+    assert!(again.roots[0].state.is_empty());
+    assert_ne!(mine, again);
+}
+
+#[tokio::test]
+async fn broken_fhir_connect_files_report_every_field() {
+    let app = spawn_app().await;
+    let r = upload(
+        &app,
+        "/fc/model/x",
+        "application/yaml",
+        fixture("broken/many-errors.yml"),
+    )
+    .await;
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["details"].as_array().unwrap().len() >= 2,
+        "every error at once: {body}"
+    );
+    let n: i64 = app
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM fhir_connect_model", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "nothing written");
+}
