@@ -29,30 +29,7 @@ async fn upload(app: &TestApp, path: &str, content_type: &str, body: String) -> 
 
 /// Uploads the growth chart OPT, its context, both core models and the three extensions.
 async fn upload_all(app: &TestApp) {
-    let r = upload(
-        app,
-        "/opt/Growth%20chart",
-        "application/xml",
-        fixture("growth_chart.opt"),
-    )
-    .await;
-    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-    for (name, file) in [
-        ("OBSERVATION.height.v2", "height.model.yml"),
-        ("OBSERVATION.body_weight.v2", "weight.model.yml"),
-        ("height-ext-add", "height.ext-add.yml"),
-        ("height-ext-append", "height.ext-append.yml"),
-        ("height-ext-overwrite", "height.ext-overwrite.yml"),
-    ] {
-        let r = upload(
-            app,
-            &format!("/fc/model/{name}"),
-            "application/yaml",
-            fixture(file),
-        )
-        .await;
-        assert_eq!(r.status(), 201, "{name}: {}", r.text().await.unwrap());
-    }
+    upload_all_but_context(app).await;
     let r = upload(
         app,
         "/fc/context/Growth%20chart",
