@@ -154,8 +154,14 @@ async fn authenticate(State(node): State<AppState>, req: Request, next: Next) ->
             (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
         })
         .unwrap_or_default();
-    // Constant-time comparison: the time taken does not reveal how much of the token matched.
-    if bool::from(given.ct_eq(token.expose().as_bytes())) {
+    // Constant-time comparison of fixed-length digests: the time taken reveals neither how much
+    // of the token matched nor its length.
+    use sha2::Digest;
+    let (given, wanted) = (
+        sha2::Sha256::digest(given),
+        sha2::Sha256::digest(token.expose().as_bytes()),
+    );
+    if bool::from(given.as_slice().ct_eq(wanted.as_slice())) {
         next.run(req).await
     } else {
         let mut r = ApiError::new(
