@@ -389,15 +389,43 @@ impl Node {
         use crate::domain::fc_model::{parse_context, parse_model};
         let ctx = self.context(tenant, id).await?;
         let context = parse_context(&ctx.content, ctx.format)?;
+        // Only what the context names matters: a broken model of another template must not
+        // break this one. (Names may also be archetype ids; the compiler resolves them.)
+        let named: std::collections::BTreeSet<&str> = context
+            .context
+            .as_ref()
+            .map(|c| {
+                c.archetypes
+                    .iter()
+                    .flatten()
+                    .chain(c.extensions.iter().flatten())
+                    .map(|s| s.trim())
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut models = std::collections::BTreeMap::new();
         for m in self.db.fcs(FcTable::Model, tenant).await? {
-            // Stored models were validated at upload; one that no longer parses is reported.
-            let typed = parse_model(&m.content, m.format).map_err(|e| Error::CorruptRow {
-                what: "model",
-                id: m.id.clone(),
-                reason: e.to_string(),
-            })?;
-            models.insert(m.id.clone(), typed);
+            let referenced = named.contains(m.id.as_str())
+                || m.archetype.as_deref().is_some_and(|a| {
+                    named.contains(a) || named.iter().any(|n| a == format!("openEHR-EHR-{n}"))
+                });
+            match parse_model(&m.content, m.format) {
+                Ok(typed) => {
+                    models.insert(m.id.clone(), typed);
+                }
+                // Stored models were validated at upload; one that no longer parses is reported
+                // only where it is used.
+                Err(e) if referenced => {
+                    return Err(Error::CorruptRow {
+                        what: "model",
+                        id: m.id.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(model = %m.id, error = %e, "skipping an unreadable stored model")
+                }
+            }
         }
         let template_uploaded = match self.opt(tenant, id).await {
             Ok(_) => true,

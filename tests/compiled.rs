@@ -272,3 +272,106 @@ async fn broken_fhir_connect_files_report_every_field() {
         .get(0);
     assert_eq!(n, 0, "nothing written");
 }
+
+/// The eviction-wins guard for compiled artifacts: a compile pauses after it read its inputs, a
+/// model is updated meanwhile, the compile is released; the stale index is never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_update_during_a_compile_wins() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::Notify;
+    let app = spawn_app().await;
+    upload_all(&app).await;
+    let (_, original) = json(&app, "/fc/mapper/growth_chart").await;
+    let before = original["models"]["OBSERVATION.body_weight.v2"]["mappings"]
+        .as_u64()
+        .unwrap();
+    app.node
+        .caches()
+        .mapper
+        .evict_key("default", Some("growth_chart"))
+        .await;
+    let (paused, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let armed = Arc::new(AtomicBool::new(true));
+    {
+        let (paused, release, armed) = (paused.clone(), release.clone(), armed.clone());
+        app.node.set_load_hook(Some(Arc::new(move |cache, _| {
+            let pause = cache == CacheName::Mapper && armed.swap(false, Ordering::SeqCst);
+            let (paused, release) = (paused.clone(), release.clone());
+            Box::pin(async move {
+                if pause {
+                    paused.notify_one();
+                    release.notified().await;
+                }
+            })
+        })));
+    }
+    let slow = {
+        let (c, u) = (app.client.clone(), app.url("/fc/mapper/growth_chart"));
+        tokio::spawn(async move {
+            c.get(u)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        })
+    };
+    paused.notified().await;
+    let weight = fixture("weight.model.yml").replacen(
+        "\nmappings:\n",
+        "\nmappings:\n  - name: extraNote\n    with:\n      fhir: \"$resource.note\"\n      openehr: \"$archetype/data[at0002]\"\n",
+        1,
+    );
+    let r = upload(
+        &app,
+        "/fc/model/OBSERVATION.body_weight.v2",
+        "application/yaml",
+        weight,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    release.notify_one();
+    let first = slow.await.unwrap();
+    let (_, next) = json(&app, "/fc/mapper/growth_chart").await;
+    let weight_mappings = |m: &serde_json::Value| {
+        m["models"]["OBSERVATION.body_weight.v2"]["mappings"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        weight_mappings(&first),
+        before + 1,
+        "the paused request did not serve the stale index"
+    );
+    assert_eq!(
+        weight_mappings(&next),
+        before + 1,
+        "the stale index was not cached"
+    );
+    // The compile that read the old model was not cached: a second compile ran.
+    assert!(app.stats(CacheName::Mapper).await.stats.loads >= 2);
+}
+
+#[tokio::test]
+async fn a_failed_compile_is_not_cached() {
+    let app = spawn_app().await;
+    let r = upload(
+        &app,
+        "/fc/context/Growth%20chart",
+        "application/yaml",
+        fixture("growth_chart.context.yml"),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let before = app.stats(CacheName::Mapper).await.stats;
+    assert_eq!(json(&app, "/fc/mapper/growth_chart").await.0, 422);
+    assert_eq!(json(&app, "/fc/mapper/growth_chart").await.0, 422);
+    let after = app.stats(CacheName::Mapper).await.stats;
+    assert_eq!(
+        after.loads,
+        before.loads + 2,
+        "each request compiled again: nothing was cached"
+    );
+    assert_eq!(after.hits, before.hits);
+}

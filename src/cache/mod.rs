@@ -218,7 +218,13 @@ pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
             key: k,
         } => CacheName::ALL
             .iter()
-            .filter(|c| group.is_none_or(|g| c.group() == g))
+            // The compiled artifacts are built from the OPT too: flushing OPTs flushes them.
+            .filter(|c| {
+                group.is_none_or(|g| {
+                    c.group() == g
+                        || (g == Group::Opt && matches!(c, CacheName::Mapper | CacheName::Helpers))
+                })
+            })
             .map(|&c| {
                 let scope = match (tenant, k) {
                     (None, _) => Scope::All,
@@ -516,6 +522,16 @@ mod tests {
                 (CacheName::Mapper, k(Some("t"))),
                 (CacheName::Helpers, k(Some("t"))),
             ]
+        );
+        let opt_flush = Change::Evict {
+            group: Some(Group::Opt),
+            tenant: None,
+            key: None,
+        };
+        let caches: Vec<CacheName> = targets(&opt_flush).into_iter().map(|(c, _)| c).collect();
+        assert_eq!(
+            caches,
+            vec![CacheName::Opt, CacheName::Mapper, CacheName::Helpers]
         );
         let model = Change::Model {
             tenant: "a".into(),

@@ -651,7 +651,8 @@ fn read_value(text: &str, format: FcFormat) -> Result<Value> {
 }
 
 fn typed<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T> {
-    serde_json::from_value(v).map_err(|e| {
+    // serde_path_to_error names the field that has the wrong shape (`mappings[2].with`).
+    serde_path_to_error::deserialize(v).map_err(|e| {
         Error::invalid(
             format!("invalid FHIR Connect {what}"),
             format!("the document does not match the FHIR Connect {what} schema: {e}"),
@@ -690,6 +691,22 @@ pub fn parse_model(text: &str, format: FcFormat) -> Result<ModelDocument> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_of_the_wrong_shape_is_named() {
+        let e = parse_model(
+            "type: model\nmetadata: {name: m}\nmappings: 5\n",
+            FcFormat::Yaml,
+        )
+        .unwrap_err();
+        assert!(format!("{e:?}").contains("mappings"), "{e:?}");
+        let e = parse_model(
+            "type: model\nmetadata: {name: m}\nmappings:\n  - name: a\n    with: x\n",
+            FcFormat::Yaml,
+        )
+        .unwrap_err();
+        assert!(format!("{e:?}").contains("mappings[0].with"), "{e:?}");
+    }
 
     #[test]
     fn nested_errors_are_all_reported() {

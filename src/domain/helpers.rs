@@ -15,6 +15,10 @@ use crate::domain::template::TemplateTree;
 /// [`HelperTree::unresolved`] instead.
 pub const MAX_DEPTH: usize = 32;
 
+/// Most helpers one tree may hold: distinct models slotting each other can multiply the tree at
+/// every level, and a tenant's upload must not be able to exhaust a node's memory.
+pub const MAX_HELPERS: usize = 20_000;
+
 /// One mapping, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Helper {
@@ -81,6 +85,7 @@ pub fn build(index: &MapperIndex, template: &TemplateTree) -> HelperTree {
         template,
         unresolved: Vec::new(),
         branch: Vec::new(),
+        made: 0,
     };
     if template.header().normalized_id != index.template_id {
         b.unresolved.push(format!(
@@ -141,6 +146,8 @@ struct Builder<'a> {
     unresolved: Vec<String>,
     /// The models being expanded on the current branch, outermost first.
     branch: Vec<String>,
+    /// Helpers made so far (bounded by [`MAX_HELPERS`]).
+    made: usize,
 }
 
 impl Builder<'_> {
@@ -221,7 +228,14 @@ impl Builder<'_> {
             || referenced.is_some_and(|r| !r.is_empty())
             || slot.is_some();
         let mut children = Vec::new();
-        if has_children && depth >= MAX_DEPTH {
+        self.made += 1;
+        if has_children && self.made >= MAX_HELPERS {
+            if self.made == MAX_HELPERS {
+                self.unresolved.push(format!(
+                    "limit: the tree reached {MAX_HELPERS} helpers; {model}/{name} and later children are not expanded"
+                ));
+            }
+        } else if has_children && depth >= MAX_DEPTH {
             self.unresolved.push(format!(
                 "depth: {model}/{name}: children deeper than {MAX_DEPTH} levels are not expanded"
             ));
@@ -272,9 +286,15 @@ impl Builder<'_> {
     }
 
     /// The template has a node at `path`, or at its parent when that is not the root.
+    /// A path resolves if the template has it, or if its last segment is a plain reference-model
+    /// attribute (`.../value`, `/time`: no `[node id]`) of a node the template has.
     fn resolves(&self, path: &str) -> bool {
-        self.template.find(path).is_some()
-            || parent(path).is_some_and(|p| p != "/" && self.template.find(p).is_some())
+        if self.template.find(path).is_some() {
+            return true;
+        }
+        let last = path.rsplit('/').next().unwrap_or("");
+        !last.contains('[')
+            && parent(path).is_some_and(|p| p != "/" && self.template.find(p).is_some())
     }
 }
 
