@@ -242,6 +242,19 @@ fn merge_mapping(
         return;
     };
     if kind == ExtensionKind::Add {
+        let taken = m.name.as_deref().is_some_and(|n| {
+            core.mappings
+                .iter()
+                .flatten()
+                .any(|c| c.name.as_deref() == Some(n))
+        });
+        if taken {
+            missing.push(format!(
+                "{label} (add) adds mapping '{}', which the model already has: use overwrite",
+                m.name.as_deref().unwrap_or_default()
+            ));
+            return;
+        }
         core.mappings.get_or_insert_with(Vec::new).push(m.clone());
         return;
     }
@@ -265,7 +278,12 @@ fn merge_mapping(
         return;
     };
     match kind {
-        ExtensionKind::Overwrite => *slot = m.clone(),
+        ExtensionKind::Overwrite => {
+            // The replacement keeps the name it replaces, so later extensions still find it.
+            let name = slot.name.clone();
+            *slot = m.clone();
+            slot.name = name;
+        }
         _ => {
             let added: Vec<Mapping> = match m.followed_by.as_ref().and_then(|f| f.mappings.as_ref())
             {
@@ -410,6 +428,31 @@ mod tests {
         let again = compile(&ctx, &models, true).unwrap();
         assert_eq!(again.summary(), idx.summary());
         assert_eq!(again.by_model, idx.by_model);
+    }
+
+    #[test]
+    fn add_refuses_a_taken_name_and_overwrite_keeps_the_name() {
+        // add: the name the extension adds already exists in the model.
+        let ext = EXT_ADD.replace("name: bodySite", "name: height");
+        let mut models = growth_models();
+        models.extend(super::fixtures::models(&[&ext]));
+        let e = compile(&context(CONTEXT), &models, true).unwrap_err();
+        assert!(e.missing.iter().any(|m| m.contains("already has")), "{e:?}");
+        // overwrite: the replaced mapping keeps its name even if the extension's differs.
+        let ext = EXT_OVERWRITE.replace("  - name: code\n", "  - name: codeV2\n");
+        assert_ne!(ext, EXT_OVERWRITE);
+        let mut models = growth_models();
+        models.extend(super::fixtures::models(&[&ext]));
+        let idx = compile(&context(CONTEXT), &models, true).unwrap();
+        let names: Vec<String> = idx.by_model["OBSERVATION.height.v2"]
+            .mappings()
+            .iter()
+            .filter_map(|m| m.name.clone())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "code") && !names.iter().any(|n| n == "codeV2"),
+            "{names:?}"
+        );
     }
 
     #[test]
