@@ -40,6 +40,29 @@ async fn upload_all(app: &TestApp) {
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
 }
 
+/// Adds a mapping to the weight model through the API (an update: 200).
+async fn add_a_weight_mapping(app: &TestApp) -> reqwest::Response {
+    let weight = fixture("weight.model.yml").replacen(
+        "\nmappings:\n",
+        "\nmappings:\n  - name: extraNote\n    with:\n      fhir: \"$resource.note\"\n      openehr: \"$archetype/data[at0002]\"\n",
+        1,
+    );
+    upload(
+        app,
+        "/fc/model/OBSERVATION.body_weight.v2",
+        "application/yaml",
+        weight,
+    )
+    .await
+}
+
+/// How many mappings the compiled weight model has, from a `/fc/mapper` answer.
+fn weight_mappings(mapper: &serde_json::Value) -> u64 {
+    mapper["models"]["OBSERVATION.body_weight.v2"]["mappings"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no weight model in {mapper}"))
+}
+
 async fn json(app: &TestApp, path: &str) -> (u16, serde_json::Value) {
     let r = app.client.get(app.url(path)).send().await.unwrap();
     let status = r.status().as_u16();
@@ -84,30 +107,11 @@ async fn the_mapper_and_helpers_compile_once_and_follow_every_change() {
     );
 
     // A model update changes the next compiled index.
-    let before = m["models"]["OBSERVATION.body_weight.v2"]["mappings"]
-        .as_u64()
-        .unwrap();
-    let weight = fixture("weight.model.yml").replacen(
-        "\nmappings:\n",
-        "\nmappings:\n  - name: extraNote\n    with:\n      fhir: \"$resource.note\"\n      openehr: \"$archetype/data[at0002]\"\n",
-        1,
-    );
-    let r = upload(
-        &app,
-        "/fc/model/OBSERVATION.body_weight.v2",
-        "application/yaml",
-        weight,
-    )
-    .await;
+    let before = weight_mappings(&m);
+    let r = add_a_weight_mapping(&app).await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let (_, m2) = json(&app, "/fc/mapper/growth_chart").await;
-    assert_eq!(
-        m2["models"]["OBSERVATION.body_weight.v2"]["mappings"]
-            .as_u64()
-            .unwrap(),
-        before + 1,
-        "{m2}"
-    );
+    assert_eq!(weight_mappings(&m2), before + 1, "{m2}");
     assert_eq!(app.stats(CacheName::Mapper).await.stats.loads, compiles + 1);
 
     // An OPT change evicts the mapper and the helpers of that template.
@@ -282,9 +286,7 @@ async fn a_model_update_during_a_compile_wins() {
     let app = spawn_app().await;
     upload_all(&app).await;
     let (_, original) = json(&app, "/fc/mapper/growth_chart").await;
-    let before = original["models"]["OBSERVATION.body_weight.v2"]["mappings"]
-        .as_u64()
-        .unwrap();
+    let before = weight_mappings(&original);
     app.node
         .caches()
         .mapper
@@ -318,27 +320,11 @@ async fn a_model_update_during_a_compile_wins() {
         })
     };
     paused.notified().await;
-    let weight = fixture("weight.model.yml").replacen(
-        "\nmappings:\n",
-        "\nmappings:\n  - name: extraNote\n    with:\n      fhir: \"$resource.note\"\n      openehr: \"$archetype/data[at0002]\"\n",
-        1,
-    );
-    let r = upload(
-        &app,
-        "/fc/model/OBSERVATION.body_weight.v2",
-        "application/yaml",
-        weight,
-    )
-    .await;
+    let r = add_a_weight_mapping(&app).await;
     assert_eq!(r.status(), 200);
     release.notify_one();
     let first = slow.await.unwrap();
     let (_, next) = json(&app, "/fc/mapper/growth_chart").await;
-    let weight_mappings = |m: &serde_json::Value| {
-        m["models"]["OBSERVATION.body_weight.v2"]["mappings"]
-            .as_u64()
-            .unwrap()
-    };
     assert_eq!(
         weight_mappings(&first),
         before + 1,
