@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -47,7 +47,23 @@ pub const VARS: &[Var] = &[
     Var { env: "CLUSTER_INITIAL_HOSTS", key: "cluster.initial_hosts", default: "",
           doc: "TCP mode: comma-separated peers as host[port],host[port] (names, IPv4 or [IPv6]); include the node itself." },
     Var { env: "CLUSTER_PORT", key: "cluster.port", default: "7800",
-          doc: "TCP port of the cluster channel." },
+          doc: "TCP port of the cluster channel (0 = any free port, for tests and embedding)." },
+    Var { env: "CLUSTER_BIND_ADDR", key: "cluster.bind_addr", default: "0.0.0.0",
+          doc: "Local IP address the cluster channel listens on and sends from (e.g. 10.0.0.1, 127.0.0.2, ::)." },
+    Var { env: "CLUSTER_NAME", key: "cluster.name", default: "openfhir",
+          doc: "Cluster name: nodes join only peers with the same name (letters, digits, . _ -; at most 64)." },
+    Var { env: "CLUSTER_SECRET", key: "cluster.secret", default: "",
+          doc: "Shared secret (at least 16 characters): peers must prove it to join, and every frame carries an HMAC-SHA256. Unset = unauthenticated channel." },
+    Var { env: "CLUSTER_MULTICAST_ADDR", key: "cluster.multicast_addr", default: "239.255.78.0:45588",
+          doc: "MULTICAST mode: IPv4 multicast group and UDP port of the announcements." },
+    Var { env: "CLUSTER_DNS_INTERVAL", key: "cluster.dns_interval", default: "10",
+          doc: "DNS mode: seconds between lookups of CLUSTER_DNS_QUERY (1-3600)." },
+    Var { env: "CLUSTER_DNS_SERVER", key: "cluster.dns_server", default: "",
+          doc: "DNS mode: ip:port of the DNS server to ask instead of the system resolver." },
+    Var { env: "CLUSTER_HEARTBEAT_MS", key: "cluster.heartbeat_ms", default: "1000",
+          doc: "Heartbeat interval in milliseconds (50-60000); a peer is suspect after 3 silent intervals and gone after 10." },
+    Var { env: "CLUSTER_SEND_QUEUE", key: "cluster.send_queue", default: "4096",
+          doc: "Messages queued per peer (1-1000000); a peer whose queue overflows is marked as having missed messages." },
     Var { env: "DATABASE_URL", key: "database.url", default: "postgres://postgres@127.0.0.1:5432/postgres",
           doc: "PostgreSQL connection URL (the source of truth). The password is masked in output." },
     Var { env: "OPENFHIR_DB_POOL_SIZE", key: "database.pool_size", default: "16",
@@ -483,9 +499,28 @@ pub struct ClusterConfig {
     pub dns_query: Option<String>,
     /// `CLUSTER_INITIAL_HOSTS`; required in TCP mode.
     pub initial_hosts: Vec<HostPort>,
-    /// `CLUSTER_PORT`.
+    /// `CLUSTER_PORT`; 0 = any free port.
     pub port: u16,
+    /// `CLUSTER_BIND_ADDR`.
+    pub bind_addr: IpAddr,
+    /// `CLUSTER_NAME`.
+    pub name: String,
+    /// `CLUSTER_SECRET`; `None` = unauthenticated channel.
+    pub secret: Option<Secret>,
+    /// `CLUSTER_MULTICAST_ADDR`.
+    pub multicast_addr: SocketAddrV4,
+    /// `CLUSTER_DNS_INTERVAL`, in seconds.
+    pub dns_interval: u64,
+    /// `CLUSTER_DNS_SERVER`.
+    pub dns_server: Option<SocketAddr>,
+    /// `CLUSTER_HEARTBEAT_MS`.
+    pub heartbeat_ms: u64,
+    /// `CLUSTER_SEND_QUEUE`: per-peer queue capacity, in messages.
+    pub send_queue: usize,
 }
+
+/// Shortest accepted `CLUSTER_SECRET`, in bytes.
+pub const MIN_SECRET_LEN: usize = 16;
 
 /// Database settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -598,9 +633,46 @@ impl Config {
             discovery: raw.parse("cluster.discovery", Discovery::from_str)?,
             dns_query: raw.parse("cluster.dns_query", |s| Ok(non_empty(s)))?,
             initial_hosts: raw.parse("cluster.initial_hosts", parse_initial_hosts)?,
-            port: raw.parse("cluster.port", |s| match s.trim().parse::<u16>() {
-                Ok(p) if p > 0 => Ok(p),
-                _ => Err("expected a port number from 1 to 65535".to_string()),
+            port: raw.parse("cluster.port", |s| {
+                s.trim()
+                    .parse::<u16>()
+                    .map_err(|_| "expected a port number from 0 to 65535".to_string())
+            })?,
+            bind_addr: raw.parse("cluster.bind_addr", |s| {
+                s.trim().parse::<IpAddr>().map_err(|_| {
+                    "expected an IP address without a port, e.g. 0.0.0.0, 10.0.0.1 or ::".to_string()
+                })
+            })?,
+            name: raw.parse("cluster.name", parse_cluster_name)?,
+            secret: raw.parse("cluster.secret", |s| match s {
+                "" => Ok(None),
+                s if s.len() < MIN_SECRET_LEN => Err(format!(
+                    "too short ({} bytes); use at least {MIN_SECRET_LEN}, e.g. `openssl rand -hex 32`",
+                    s.len()
+                )),
+                s => Ok(Some(Secret(s.to_string()))),
+            })?,
+            multicast_addr: raw.parse("cluster.multicast_addr", |s| {
+                match s.trim().parse::<SocketAddrV4>() {
+                    Ok(a) if a.ip().is_multicast() && a.port() > 0 => Ok(a),
+                    Ok(_) => Err("not an IPv4 multicast group (224.0.0.0/4) with a port > 0".to_string()),
+                    Err(_) => Err("expected an IPv4 multicast group and port, e.g. 239.255.78.0:45588".to_string()),
+                }
+            })?,
+            dns_interval: raw.parse("cluster.dns_interval", |s| {
+                parse_range(s, 1, 3600, "a number of seconds").map(|n| n as u64)
+            })?,
+            dns_server: raw.parse("cluster.dns_server", |s| match s.trim() {
+                "" => Ok(None),
+                t => t.parse::<SocketAddr>().map(Some).map_err(|_| {
+                    "expected ip:port of a DNS server, e.g. 10.96.0.10:53".to_string()
+                }),
+            })?,
+            heartbeat_ms: raw.parse("cluster.heartbeat_ms", |s| {
+                parse_range(s, 50, 60_000, "a number of milliseconds").map(|n| n as u64)
+            })?,
+            send_queue: raw.parse("cluster.send_queue", |s| {
+                parse_range(s, 1, 1_000_000, "a number of messages")
             })?,
         };
         match cluster.discovery {
@@ -685,6 +757,19 @@ impl Config {
     /// The configuration as JSON, secrets masked (what `openfhir-cache config` prints).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let ok = !t.is_empty()
+        && t.len() <= 64
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(t.to_string())
+    } else {
+        Err("expected 1 to 64 letters, digits, '.', '_' or '-'".to_string())
     }
 }
 
@@ -780,7 +865,7 @@ impl Raw<'_> {
             // Never echo a secret in an error message.
             value: match key {
                 "database.url" => mask_url(&text),
-                "http.api_token" => "***".to_string(),
+                "http.api_token" | "cluster.secret" => "***".to_string(),
                 _ => text,
             },
             reason,
@@ -1014,8 +1099,17 @@ mod tests {
     #[test]
     fn other_values() {
         for (var, bad) in [
-            ("CLUSTER_PORT", "0"),
+            ("CLUSTER_PORT", "65536"),
             ("CLUSTER_PORT", "http"),
+            ("CLUSTER_BIND_ADDR", "127.0.0.2:7800"),
+            ("CLUSTER_NAME", "my cluster"),
+            ("CLUSTER_NAME", ""),
+            ("CLUSTER_MULTICAST_ADDR", "10.0.0.1:45588"),
+            ("CLUSTER_MULTICAST_ADDR", "239.1.1.1"),
+            ("CLUSTER_DNS_INTERVAL", "0"),
+            ("CLUSTER_DNS_SERVER", "dns.local"),
+            ("CLUSTER_HEARTBEAT_MS", "10"),
+            ("CLUSTER_SEND_QUEUE", "0"),
             ("OPENFHIR_HTTP_ADDR", "localhost"),
             ("OPENFHIR_DB_POOL_SIZE", "0"),
             ("OPENFHIR_MAX_BODY_BYTES", "16MiB"),
@@ -1025,6 +1119,51 @@ mod tests {
             let e = with(&[(var, bad)]).unwrap_err().to_string();
             assert!(e.contains(var) && e.contains(bad), "{var}={bad}: {e}");
         }
+    }
+
+    #[test]
+    fn cluster_defaults_and_values() {
+        let c = with(&[]).unwrap().cluster;
+        assert_eq!(c.name, "openfhir");
+        assert_eq!(c.port, 7800);
+        assert_eq!(c.bind_addr, IpAddr::from([0, 0, 0, 0]));
+        assert_eq!(c.multicast_addr, "239.255.78.0:45588".parse().unwrap());
+        assert!(c.secret.is_none() && c.dns_server.is_none());
+        assert_eq!(
+            (c.dns_interval, c.heartbeat_ms, c.send_queue),
+            (10, 1000, 4096)
+        );
+        let c = with(&[
+            ("CLUSTER_PORT", "0"),
+            ("CLUSTER_BIND_ADDR", "::1"),
+            ("CLUSTER_NAME", "prod-eu_1.a"),
+            ("CLUSTER_DNS_SERVER", "127.0.0.1:5353"),
+        ])
+        .unwrap()
+        .cluster;
+        assert_eq!(c.port, 0);
+        assert_eq!(c.bind_addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.name, "prod-eu_1.a");
+        assert_eq!(c.dns_server, Some("127.0.0.1:5353".parse().unwrap()));
+    }
+
+    #[test]
+    fn short_cluster_secret_is_refused_without_echo() {
+        let e = with(&[("CLUSTER_SECRET", "short-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CLUSTER_SECRET")
+                && e.contains("at least 16")
+                && !e.contains("short-secret"),
+            "{e}"
+        );
+        let c = with(&[("CLUSTER_SECRET", "0123456789abcdef")]).unwrap();
+        assert_eq!(
+            c.cluster.secret.as_ref().unwrap().expose(),
+            "0123456789abcdef"
+        );
+        assert!(!c.to_json().to_string().contains("0123456789abcdef"));
     }
 
     #[test]

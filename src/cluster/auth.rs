@@ -70,6 +70,18 @@ impl ClusterSecret {
         let s = secret.as_ref();
         (!s.is_empty()).then(|| ClusterSecret(s.to_vec()))
     }
+
+    /// HMAC-SHA256 under the secret of the concatenated `parts` (for messages outside a session,
+    /// such as multicast announcements). Put a distinct label first so tags of one message
+    /// kind can never be replayed as another.
+    pub fn mac(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+        tag(&self.0, parts)
+    }
+
+    /// Checks a [`ClusterSecret::mac`] tag in constant time.
+    pub fn verify(&self, parts: &[&[u8]], expected: &[u8]) -> bool {
+        verify(&self.0, parts, expected)
+    }
 }
 
 impl fmt::Debug for ClusterSecret {
