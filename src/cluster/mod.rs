@@ -36,6 +36,7 @@
 //!   secrets) are not settings yet.
 
 pub mod auth;
+pub mod discovery;
 pub mod wire;
 
 pub use auth::{
