@@ -30,12 +30,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, finishes in-flight requests, closes the pool.
+    /// Stops accepting, finishes in-flight requests (their invalidations are broadcast), leaves
+    /// the cluster (peers drop this node at once), stops the tasks and closes the pool.
     pub async fn shutdown(mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         let r = (&mut self.server).await;
+        self.node.cluster().leave(LEAVE_WAIT).await;
         for t in self.tasks.drain(..) {
             t.abort();
         }
@@ -53,6 +55,18 @@ impl Running {
         }
     }
 
+    /// Stops everything at once without leaving the cluster or finishing requests, as a crash
+    /// would (peers notice by the closed connections). For tests of failure handling.
+    pub fn abort(mut self) {
+        self.stop.take();
+        self.server.abort();
+        self.node.cluster().abort();
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.node.db().close();
+    }
+
     /// Waits until the server ends by itself (it only does on error) or `signal` fires, then shuts down.
     pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::select! {
@@ -64,6 +78,9 @@ impl Running {
         self.shutdown().await
     }
 }
+
+/// How long shutdown waits for the Leave messages to be written.
+const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Connects to the database (failing fast with a clear message), migrates unless told not to,
 /// binds the HTTP API and starts serving.
@@ -82,7 +99,8 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
     // The cursor starts at "now" before anything is cached or served: every later change is
     // then either seen by a load or replayed by catch-up.
     node.invalidator().init(&node).await?;
-    let tasks = spawn_invalidation(&node);
+    let mut tasks = spawn_invalidation(&node);
+    tasks.extend(crate::cluster::start(node.clone()).await?);
     let listener = tokio::net::TcpListener::bind(cfg.http.addr)
         .await
         .map_err(|source| Error::Bind {

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::cache::{CacheName, Caches, Change};
 use crate::catchup::{Invalidator, StepReport};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::domain::{
     self, normalize_template_id, parse_fc, FcDocument, FcFormat, OptDocument, Tenant,
@@ -28,6 +29,7 @@ pub struct Node {
     config: Config,
     db: Db,
     caches: Caches,
+    cluster: Cluster,
     load_hook: RwLock<Option<LoadHook>>,
 }
 
@@ -37,7 +39,9 @@ impl Node {
         let id = new_node_id();
         let db = Db::new(&config.database, &format!("openfhir-cache/{id}"))?;
         let caches = Caches::new(&config.cache);
+        let cluster = Cluster::new(&config.cluster, &id);
         Ok(Node {
+            cluster,
             id,
             invalidator: Invalidator::default(),
             config,
@@ -99,6 +103,19 @@ impl Node {
         &self.caches
     }
 
+    /// The peer cluster channel (membership, statistics, broadcast).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// An operator's eviction (`POST /caches/evict`): applied here and sent to every peer.
+    /// Returns how many cache entries or scopes were evicted on this node.
+    pub async fn evict(&self, change: &Change) -> usize {
+        let n = self.apply(change).await;
+        self.cluster.broadcast(change, None);
+        n
+    }
+
     /// Applies a change to this node's caches through the one eviction rule. Every channel that
     /// learns of a change calls this.
     pub async fn apply(&self, change: &Change) -> usize {
@@ -120,7 +137,10 @@ impl Node {
             Ok(v) => {
                 self.invalidator.own_write(v.xid());
                 let change = guard.committed().await;
-                tracing::debug!(?change, "committed and evicted");
+                // After COMMIT and the local eviction: a peer that reloads on receipt reads
+                // the new row. Never waits on a peer.
+                self.cluster.broadcast(&change, Some(v.xid()));
+                tracing::debug!(?change, "committed, evicted and broadcast");
                 Ok(v)
             }
             Err(e) => {

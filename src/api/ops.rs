@@ -22,6 +22,7 @@ pub async fn cluster(State(node): State<AppState>) -> Json<serde_json::Value> {
             "id": node.id(),
             "version": env!("CARGO_PKG_VERSION"),
         },
+        "cluster": node.cluster().report(),
         "invalidation": node.invalidator().report(),
     }))
 }
@@ -81,7 +82,7 @@ pub async fn evict(
         tenant: req.tenant,
         key: req.key.as_deref().map(domain::normalize_template_id),
     };
-    let n = node.apply(&change).await;
+    let n = node.evict(&change).await;
     Ok(Json(json!({ "evicted": n, "change": change })).into_response())
 }
 

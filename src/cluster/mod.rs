@@ -36,8 +36,15 @@
 //!   secrets) are not settings yet.
 
 pub mod auth;
+pub mod broadcast;
 pub mod discovery;
+pub mod membership;
+mod transport;
 pub mod wire;
+
+pub use broadcast::{Cluster, ClusterReport, CountersReport};
+pub use membership::{PeerReport, PeerState, Rejected};
+pub use transport::start;
 
 pub use auth::{
     accept, client_on_welcome, client_start, connect, server_on_hello, server_on_proof,

@@ -1,0 +1,729 @@
+//! The cluster channel's tasks: listening, dialing, sending, receiving.
+//!
+//! Each pair of nodes uses two TCP connections, one per direction: a node sends only on the
+//! connections it dialed and receives only on the ones it accepted. The sender's writer task
+//! owns its connection (no lock on the write path, ordered by construction), and a peer that
+//! connects to us is dialed back at the address it advertised, so discovery only has to work one
+//! way.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::{self, HandshakeError, Identity, Opener, Peer, Sealer};
+use super::broadcast::{Link, Outgoing, Shared};
+use super::discovery::{self, Addrs};
+use super::membership::SeqCheck;
+use super::wire::{
+    encode_frame, read_frame, Envelope, Heartbeat, Leave, Message, RejectReason, WireError,
+    MAX_FRAME,
+};
+use crate::config::Discovery;
+use crate::error::{Error, Result};
+use crate::node::Node;
+
+/// Limit on the TCP connect to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Limit on a whole handshake, either side.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Handshakes running at once; more connections are closed at once, so a flood of connection
+/// attempts costs a file descriptor briefly and never starves established peers.
+const MAX_HANDSHAKES: usize = 64;
+/// Redial delays.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Redial delay after the peer refused us (other version, cluster or secret) or turned out to
+/// be a second address of a node we already send to.
+const BACKOFF_REFUSED: Duration = Duration::from_secs(30);
+
+/// Binds the cluster port and starts discovery, the listener, the dialers, failure detection and
+/// gap repair. Fails if the port cannot be bound.
+pub async fn start(node: Arc<Node>) -> Result<Vec<JoinHandle<()>>> {
+    let cluster = node.cluster().clone();
+    let s = cluster.shared.clone();
+    let bind = SocketAddr::new(s.config.bind_addr, s.config.port);
+    let listener = TcpListener::bind(bind)
+        .await
+        .map_err(|source| Error::Bind { addr: bind, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr: bind, source })?;
+    let _ = s.local_addr.set(local);
+    if s.secret.is_none() {
+        tracing::warn!(
+            "CLUSTER_SECRET is not set: the cluster channel is unauthenticated; anyone who can \
+             reach port {} can join and evict caches",
+            local.port()
+        );
+    }
+    tracing::info!(
+        listen = %local,
+        cluster = %s.config.name,
+        discovery = ?s.config.discovery,
+        "cluster channel listening"
+    );
+    let mut tasks = vec![
+        tokio::spawn(accept_loop(listener, node.clone())),
+        tokio::spawn(reconcile(node.clone())),
+        tokio::spawn(failure_detector(s.clone())),
+        tokio::spawn(gap_repair(node.clone())),
+    ];
+    tasks.push(spawn_discovery(&s, local));
+    Ok(tasks)
+}
+
+fn spawn_discovery(s: &Arc<Shared>, local: SocketAddr) -> JoinHandle<()> {
+    let cfg = &s.config;
+    let tx = s.discovered.clone();
+    let status = s.discovery.clone();
+    let cancel = s.cancel.clone();
+    match cfg.discovery {
+        Discovery::Tcp => tokio::spawn(discovery::tcp::run(
+            cfg.initial_hosts.clone(),
+            Duration::from_secs(cfg.dns_interval),
+            tx,
+            status,
+            cancel,
+        )),
+        Discovery::Dns => tokio::spawn(discovery::dns::run(
+            discovery::dns::DnsSettings {
+                query: cfg.dns_query.clone().unwrap_or_default(),
+                port: if cfg.port == 0 {
+                    local.port()
+                } else {
+                    cfg.port
+                },
+                interval: Duration::from_secs(cfg.dns_interval),
+                server: cfg.dns_server,
+            },
+            tx,
+            status,
+            cancel,
+        )),
+        Discovery::Multicast => tokio::spawn(discovery::multicast::run(
+            discovery::multicast::MulticastSettings {
+                group: cfg.multicast_addr,
+                bind_addr: cfg.bind_addr,
+                cluster: cfg.name.clone(),
+                node_id: s.node_id.clone(),
+                version: s.version.clone(),
+                advertised: local,
+                secret: s.secret.clone(),
+                interval: Duration::from_millis(cfg.heartbeat_ms),
+            },
+            tx,
+            status,
+            cancel,
+        )),
+    }
+}
+
+fn identity(s: &Shared) -> Identity {
+    Identity {
+        cluster: s.config.name.clone(),
+        node_id: s.node_id.clone(),
+        version: s.version.clone(),
+        advertised_addr: s
+            .local_addr
+            .get()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+    }
+}
+
+/// The peer's cluster address: what it advertised, with an unspecified IP (it listens on all
+/// interfaces) replaced by the IP its connection came from.
+fn peer_addr(peer: &Peer, seen: IpAddr) -> Option<SocketAddr> {
+    let mut a: SocketAddr = peer.advertised_addr.parse().ok()?;
+    if a.ip().is_unspecified() {
+        a.set_ip(seen);
+    }
+    Some(a)
+}
+
+fn reason_name(r: &RejectReason) -> &'static str {
+    match r {
+        RejectReason::ClusterName { .. } => "cluster_name",
+        RejectReason::Version { .. } => "version",
+        RejectReason::Auth => "auth",
+        RejectReason::SameNodeId { .. } => "same_node_id",
+        _ => "protocol",
+    }
+}
+
+/// Logs a refusal (an error for a version mismatch, which needs an operator) and lists it;
+/// only the first of a series is logged above debug.
+fn record_refusal(s: &Shared, addr: String, e: &HandshakeError) {
+    let (reject, direction) = match e {
+        HandshakeError::Refused(r) => (r, "refused"),
+        HandshakeError::RejectedByPeer(r) => (r, "refused_by_peer"),
+        _ => return,
+    };
+    let reason = reason_name(&reject.reason);
+    let first = {
+        let mut st = s.lock();
+        let before = st
+            .members
+            .rejected_report()
+            .iter()
+            .any(|r| r.addr == addr && r.reason == reason && r.direction == direction);
+        st.members.rejected(
+            addr.clone(),
+            None,
+            reason,
+            reject.message.clone(),
+            direction,
+        );
+        !before
+    };
+    match (&reject.reason, first) {
+        (RejectReason::Version { ours, theirs }, true) => tracing::error!(
+            peer = %addr,
+            our_version = %ours,
+            their_version = %theirs,
+            "cluster peer runs another release ({theirs}, this node {ours}); every node of a \
+             cluster must run the same version: {direction}"
+        ),
+        (_, true) => {
+            tracing::warn!(peer = %addr, %direction, "cluster peer refused: {}", reject.message)
+        }
+        (_, false) => {
+            tracing::debug!(peer = %addr, %direction, "cluster peer refused again: {}", reject.message)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving
+
+async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
+    let s = node.cluster().shared.clone();
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let accepted = tokio::select! {
+            _ = s.cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, from)) => {
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    s.counters.connections_shed.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%from, "too many cluster handshakes at once; connection closed");
+                    continue;
+                };
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let s = node.cluster().shared.clone();
+                    tokio::select! {
+                        _ = s.cancel.cancelled() => {}
+                        _ = inbound(stream, from, permit, node.clone()) => {}
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(error = %e, "accepting a cluster connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn inbound(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    node: Arc<Node>,
+) {
+    let s = node.cluster().shared.clone();
+    let _ = stream.set_nodelay(true);
+    let id = identity(&s);
+    let hs = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        auth::accept(&mut stream, &id, s.secret.as_ref()),
+    )
+    .await;
+    drop(permit);
+    let session = match hs {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
+            s.counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            if matches!(e.reason(), Some(RejectReason::Auth)) {
+                s.counters
+                    .frames_unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            record_refusal(&s, from.to_string(), &e);
+            tracing::debug!(%from, error = %e, "inbound cluster handshake failed");
+            return;
+        }
+        Err(_) => {
+            s.counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%from, "inbound cluster handshake timed out");
+            return;
+        }
+    };
+    let (peer, _sealer, opener) = session.into_parts();
+    let Some(addr) = peer_addr(&peer, from.ip()) else {
+        s.counters.frames_protocol.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%from, advertised = %peer.advertised_addr, "peer advertised an unusable address");
+        return;
+    };
+    s.lock()
+        .members
+        .inbound_up(&peer.node_id, addr, &peer.version, Instant::now());
+    s.learned.send_if_modified(|l| l.insert(addr));
+    tracing::info!(peer = %peer.node_id, %addr, "cluster peer connected");
+    let end = receive(&mut stream, opener, &peer, &node).await;
+    s.lock().members.inbound_down(&peer.node_id);
+    match end {
+        Ok(()) => tracing::debug!(peer = %peer.node_id, "cluster peer closed its connection"),
+        Err(e) => {
+            let counter = match &e {
+                WireError::TooLarge { .. } => Some(&s.counters.frames_oversized),
+                e if e.is_security() => Some(&s.counters.frames_unauthenticated),
+                e if e.is_closed() => None,
+                WireError::Io(_) => None,
+                _ => Some(&s.counters.frames_malformed),
+            };
+            if let Some(c) = counter {
+                c.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %peer.node_id, %addr, error = %e, "bad frame from cluster peer; connection closed");
+            } else {
+                tracing::info!(peer = %peer.node_id, %addr, error = %e, "cluster peer connection lost");
+            }
+        }
+    }
+}
+
+/// Reads frames until the peer leaves or breaks the protocol. `Ok` on a clean end.
+async fn receive(
+    stream: &mut TcpStream,
+    mut opener: Opener,
+    peer: &Peer,
+    node: &Arc<Node>,
+) -> std::result::Result<(), WireError> {
+    let s = node.cluster().shared.clone();
+    let silence = s.timing.gone_after;
+    loop {
+        let frame = match tokio::time::timeout(silence, read_frame(stream, MAX_FRAME)).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(WireError::Closed)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(WireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("nothing heard for {} ms", silence.as_millis()),
+                )))
+            }
+        };
+        let env = Envelope::decode(opener.open(&frame)?, &s.config.name)?;
+        let now = Instant::now();
+        match env.body {
+            Message::Invalidate(inv) if inv.origin == peer.node_id => {
+                let check = {
+                    let mut st = s.lock();
+                    st.members.heard(&peer.node_id, now);
+                    st.members.invalidation_seq(&peer.node_id, inv.seq)
+                };
+                node.apply(&inv.change).await;
+                s.counters.applied.fetch_add(1, Ordering::Relaxed);
+                if check == SeqCheck::Gap {
+                    tracing::info!(peer = %peer.node_id, seq = inv.seq, "invalidations from a peer were missed; catching up from the database");
+                    s.gap.notify_one();
+                }
+            }
+            Message::Heartbeat(hb) if hb.origin == peer.node_id => {
+                let check = {
+                    let mut st = s.lock();
+                    st.members.heard(&peer.node_id, now);
+                    st.members.heartbeat_seq(&peer.node_id, hb.seq)
+                };
+                if check == SeqCheck::Gap {
+                    tracing::info!(peer = %peer.node_id, seq = hb.seq, "a peer's heartbeat shows missed invalidations; catching up from the database");
+                    s.gap.notify_one();
+                }
+            }
+            Message::Leave(l) if l.origin == peer.node_id => {
+                let addr = {
+                    let mut st = s.lock();
+                    st.members.left(&peer.node_id);
+                    st.members.addr(&peer.node_id)
+                };
+                if let Some(a) = addr {
+                    s.learned.send_if_modified(|l| l.remove(&a));
+                }
+                tracing::info!(peer = %peer.node_id, "cluster peer left");
+                return Ok(());
+            }
+            other => {
+                s.counters.frames_protocol.fetch_add(1, Ordering::Relaxed);
+                return Err(WireError::Malformed(format!(
+                    "unexpected {} message from {} after the handshake",
+                    other.kind(),
+                    peer.node_id
+                )));
+            }
+        }
+    }
+}
+
+/// Runs a catch-up step whenever a gap was seen; gaps seen during a step cause one more step.
+async fn gap_repair(node: Arc<Node>) {
+    let s = node.cluster().shared.clone();
+    loop {
+        tokio::select! {
+            _ = s.cancel.cancelled() => return,
+            _ = s.gap.notified() => {}
+        }
+        s.counters.gap_catchups.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = node.catch_up().await {
+            tracing::warn!(error = %e, "catch-up after a peer gap failed; the periodic catch-up will retry");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sending
+
+/// Dials every address discovery or inbound peers gave, and stops dialing those that vanished.
+async fn reconcile(node: Arc<Node>) {
+    let s = node.cluster().shared.clone();
+    let mut discovered = s.discovered.subscribe();
+    let mut learned = s.learned.subscribe();
+    let mut dialers: std::collections::HashMap<SocketAddr, CancellationToken> = Default::default();
+    let own = s.local_addr.get().copied();
+    loop {
+        let mut targets: Addrs = discovered
+            .borrow_and_update()
+            .iter()
+            .chain(learned.borrow_and_update().iter())
+            .copied()
+            .collect();
+        if let Some(own) = own.filter(|o| targets.remove(o)) {
+            if let Ok(mut a) = s.own_addrs.lock() {
+                a.insert(own);
+            }
+        }
+        dialers.retain(|addr, cancel| {
+            let keep = targets.contains(addr);
+            if !keep {
+                cancel.cancel();
+            }
+            keep
+        });
+        for addr in targets {
+            dialers.entry(addr).or_insert_with(|| {
+                let cancel = s.cancel.child_token();
+                tokio::spawn(dial(addr, node.clone(), cancel.clone()));
+                cancel
+            });
+        }
+        tokio::select! {
+            _ = s.cancel.cancelled() => return,
+            r = discovered.changed() => if r.is_err() { return },
+            r = learned.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+async fn connect_to(s: &Shared, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // Send from the configured address, so the peer sees (and dials back) the right one.
+    let bind = s.config.bind_addr;
+    if !bind.is_unspecified() && bind.is_ipv4() == addr.is_ipv4() {
+        socket.bind(SocketAddr::new(bind, 0))?;
+    }
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Keeps one sending connection to `addr` up until cancelled.
+async fn dial(addr: SocketAddr, node: Arc<Node>, cancel: CancellationToken) {
+    let s = node.cluster().shared.clone();
+    let mut backoff = BACKOFF_MIN;
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let delay = match connect_once(&s, addr, &cancel).await {
+            Dialed::Ran => {
+                backoff = BACKOFF_MIN;
+                failing_since = None;
+                BACKOFF_MIN
+            }
+            Dialed::Myself => {
+                if let Ok(mut own) = s.own_addrs.lock() {
+                    own.insert(addr);
+                }
+                tracing::debug!(%addr, "cluster address is this node itself; not dialing it");
+                return;
+            }
+            Dialed::Refused => BACKOFF_REFUSED,
+            Dialed::Failed(e) => {
+                if failing_since.is_none() {
+                    failing_since = Some(Instant::now());
+                    tracing::debug!(%addr, error = %e, "cluster peer unreachable; retrying with backoff");
+                }
+                let d = backoff;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                d
+            }
+        };
+        // Up to 25% jitter, so nodes that lost a peer together do not redial in lockstep.
+        let jitter = delay.mul_f64(rand_fraction() * 0.25);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay + jitter) => {}
+        }
+    }
+}
+
+fn rand_fraction() -> f64 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
+}
+
+enum Dialed {
+    /// A connection was established and has now ended.
+    Ran,
+    /// The address is this node's own.
+    Myself,
+    /// The peer refused us, or we already send to that node over another address.
+    Refused,
+    /// Could not connect or the handshake broke.
+    Failed(String),
+}
+
+async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationToken) -> Dialed {
+    let mut stream = match connect_to(s, addr).await {
+        Ok(st) => st,
+        Err(e) => return Dialed::Failed(e.to_string()),
+    };
+    let id = identity(s);
+    let session = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        auth::connect(&mut stream, &id, s.secret.as_ref()),
+    )
+    .await
+    {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
+            if matches!(e.reason(), Some(RejectReason::SameNodeId { .. })) {
+                return Dialed::Myself;
+            }
+            s.counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            if e.reason().is_some() {
+                record_refusal(s, addr.to_string(), &e);
+                return Dialed::Refused;
+            }
+            return Dialed::Failed(e.to_string());
+        }
+        Err(_) => {
+            s.counters.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            return Dialed::Failed("handshake timed out".into());
+        }
+    };
+    let (peer, sealer, _opener) = session.into_parts();
+    let (tx, rx) = mpsc::channel(s.config.send_queue);
+    let dropped_hi = Arc::new(AtomicU64::new(0));
+    let registered = {
+        let mut st = s.lock();
+        if st.links.contains_key(&peer.node_id) {
+            None
+        } else {
+            let link_id = st.next_link_id();
+            st.links.insert(
+                peer.node_id.clone(),
+                Link {
+                    id: link_id,
+                    tx,
+                    dropped_hi: dropped_hi.clone(),
+                },
+            );
+            let known = peer_addr(&peer, addr.ip()).unwrap_or(addr);
+            st.members
+                .outbound_up(&peer.node_id, known, &peer.version, Instant::now());
+            Some((link_id, st.seq))
+        }
+    };
+    let Some((link_id, start_seq)) = registered else {
+        tracing::debug!(%addr, peer = %peer.node_id, "already sending to this node over another address");
+        return Dialed::Refused;
+    };
+    tracing::debug!(%addr, peer = %peer.node_id, "sending to cluster peer");
+    let writer = Writer {
+        s: s.clone(),
+        peer: peer.node_id.clone(),
+        sealer,
+        dropped_hi,
+        hi: start_seq,
+    };
+    let (end, pending) = writer.run(&mut stream, rx, cancel).await;
+    {
+        let mut st = s.lock();
+        if st.links.get(&peer.node_id).is_some_and(|l| l.id == link_id) {
+            st.links.remove(&peer.node_id);
+        }
+        st.members.outbound_down(&peer.node_id, pending);
+    }
+    match end {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::info!(peer = %peer.node_id, %addr, error = %e, "sending to cluster peer failed; reconnecting")
+        }
+    }
+    Dialed::Ran
+}
+
+struct Writer {
+    s: Arc<Shared>,
+    peer: String,
+    sealer: Sealer,
+    dropped_hi: Arc<AtomicU64>,
+    /// The highest sequence number written (or, at first, the sequence when the link opened:
+    /// everything up to it was never queued for this peer).
+    hi: u64,
+}
+
+impl Writer {
+    /// Sends until the queue closes, a Leave was sent, the task is cancelled, or a write fails.
+    /// Returns how it ended and whether messages were still queued.
+    async fn run(
+        mut self,
+        stream: &mut TcpStream,
+        mut rx: mpsc::Receiver<Outgoing>,
+        cancel: &CancellationToken,
+    ) -> (std::result::Result<(), WireError>, bool) {
+        // The first heartbeat tells the peer our sequence at connect time: a peer that was
+        // unreachable while we broadcast sees the gap at once.
+        if let Err(e) = self.heartbeat(stream).await {
+            return (Err(e), !rx.is_empty());
+        }
+        let mut tick = tokio::time::interval(self.s.timing.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            let r = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return (Ok(()), !rx.is_empty()),
+                m = rx.recv() => match m {
+                    Some(Outgoing::Invalidate { seq, json }) => {
+                        let r = self.write(stream, &json).await;
+                        self.hi = self.hi.max(seq);
+                        r
+                    }
+                    Some(Outgoing::Leave) => {
+                        let r = self.leave(stream).await;
+                        return (r, !rx.is_empty());
+                    }
+                    None => return (Ok(()), false),
+                },
+                _ = tick.tick() => self.heartbeat(stream).await,
+            };
+            if let Err(e) = r {
+                return (Err(e), !rx.is_empty());
+            }
+        }
+    }
+
+    async fn write(
+        &mut self,
+        stream: &mut TcpStream,
+        json: &[u8],
+    ) -> std::result::Result<(), WireError> {
+        let frame = encode_frame(&self.sealer.seal(json)?)?;
+        // A peer that stops reading (paused, partitioned) must not hold this task forever.
+        match tokio::time::timeout(self.s.timing.gone_after, stream.write_all(&frame)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(WireError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "peer stopped reading",
+                )))
+            }
+        }
+        self.s.lock().members.sent(&self.peer, 1);
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        stream: &mut TcpStream,
+        body: Message,
+    ) -> std::result::Result<(), WireError> {
+        let json = Envelope::new(self.s.config.name.clone(), body).encode()?;
+        self.write(stream, &json).await
+    }
+
+    async fn heartbeat(&mut self, stream: &mut TcpStream) -> std::result::Result<(), WireError> {
+        let seq = self.hi.max(self.dropped_hi.load(Ordering::Relaxed));
+        let at_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let body = Message::Heartbeat(Heartbeat {
+            origin: self.s.node_id.clone(),
+            seq,
+            at_unix_ms,
+        });
+        self.send(stream, body).await
+    }
+
+    async fn leave(&mut self, stream: &mut TcpStream) -> std::result::Result<(), WireError> {
+        // A final heartbeat first, so the peer knows whether it missed anything.
+        self.heartbeat(stream).await?;
+        let body = Message::Leave(Leave {
+            origin: self.s.node_id.clone(),
+        });
+        self.send(stream, body).await?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failure detection
+
+async fn failure_detector(s: Arc<Shared>) {
+    let mut tick = tokio::time::interval(s.timing.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = s.cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let gone: Vec<(String, Option<SocketAddr>)> = {
+            let mut st = s.lock();
+            let gone = st.members.tick(Instant::now());
+            gone.into_iter()
+                .map(|id| {
+                    let a = st.members.addr(&id);
+                    (id, a)
+                })
+                .collect()
+        };
+        for (id, addr) in gone {
+            tracing::warn!(peer = %id, addr = ?addr, "cluster peer gone (silent)");
+            if let Some(a) = addr {
+                s.learned.send_if_modified(|l| l.remove(&a));
+            }
+        }
+    }
+}
