@@ -128,6 +128,9 @@ pub struct Cursor {
     complete: BTreeSet<u64>,
     /// Transactions this node wrote itself (their eviction already ran), at or above the watermark.
     own: BTreeSet<u64>,
+    /// Transactions a peer already announced over the cluster channel (statistics only: the
+    /// database delivery is still applied, since an unauthenticated peer could name any xid).
+    peer: BTreeSet<u64>,
 }
 
 /// Bound of the bookkeeping above the watermark. Forgetting an entry is safe: at worst a later
@@ -163,6 +166,16 @@ impl Cursor {
         }
     }
 
+    /// Records a transaction a peer announced (and this node evicted) over the cluster channel.
+    pub fn peer_delivered(&mut self, xid: u64) {
+        if self.watermark.is_none_or(|w| xid >= w) {
+            self.peer.insert(xid);
+            while self.peer.len() > MAX_TRACKED {
+                self.peer.pop_first();
+            }
+        }
+    }
+
     /// Ends a step that read, in one snapshot with `xmin`, every visible row at or above the
     /// old watermark; `xids` are the transactions of the rows it read.
     pub fn finish_step(&mut self, xmin: u64, xids: impl IntoIterator<Item = u64>) {
@@ -172,6 +185,7 @@ impl Cursor {
         self.seen.retain(|_, x| *x >= w);
         self.complete.retain(|x| *x >= w);
         self.own.retain(|x| *x >= w);
+        self.peer.retain(|x| *x >= w);
     }
 
     /// True when every change of transaction `xid` has been applied here.
@@ -228,6 +242,7 @@ pub struct InvalidationStats {
     pub(crate) bad_rows: AtomicU64,
     pub(crate) first_by_notify: AtomicU64,
     pub(crate) first_by_catchup: AtomicU64,
+    pub(crate) first_by_peer: AtomicU64,
     pub(crate) duplicates: AtomicU64,
     pub(crate) own_writes: AtomicU64,
     pub(crate) steps: AtomicU64,
@@ -271,6 +286,8 @@ pub struct InvalidationReport {
     pub first_by_notify: u64,
     /// Invalidations applied first by catch-up.
     pub first_by_catchup: u64,
+    /// Invalidations that the peer channel delivered before NOTIFY or catch-up did.
+    pub first_by_peer: u64,
     /// Deliveries of an invalidation already applied.
     pub duplicates: u64,
     /// Invalidations of this node's own writes (already applied by the write path).
@@ -319,11 +336,12 @@ impl Invalidator {
 
     /// Delivers one row from a channel: applies it unless it was applied already.
     pub(crate) async fn deliver(&self, node: &Node, row: &LogRow, channel: Channel) -> bool {
-        let (first, own) = {
+        let (first, own, by_peer) = {
             let mut c = self.cursor();
             (
                 c.first_delivery(row.position, row.xid),
                 c.own.contains(&row.xid),
+                c.peer.contains(&row.xid),
             )
         };
         if first && own {
@@ -336,6 +354,7 @@ impl Invalidator {
         if first {
             node.apply(&row.change()).await;
             match channel {
+                _ if by_peer => &self.stats.first_by_peer,
                 Channel::Notify => &self.stats.first_by_notify,
                 Channel::Catchup => &self.stats.first_by_catchup,
             }
@@ -377,6 +396,11 @@ impl Invalidator {
     /// Records a transaction this node wrote and evicted itself.
     pub(crate) fn own_write(&self, xid: u64) {
         self.cursor().own_write(xid);
+    }
+
+    /// Records a transaction a peer announced over the cluster channel.
+    pub(crate) fn peer_delivered(&self, xid: u64) {
+        self.cursor().peer_delivered(xid);
     }
 
     /// Sets the watermark to "now" without replaying anything: right for a node whose caches
@@ -591,6 +615,7 @@ impl Invalidator {
             bad_rows: s.bad_rows.load(Ordering::Relaxed),
             first_by_notify: s.first_by_notify.load(Ordering::Relaxed),
             first_by_catchup: s.first_by_catchup.load(Ordering::Relaxed),
+            first_by_peer: s.first_by_peer.load(Ordering::Relaxed),
             duplicates: s.duplicates.load(Ordering::Relaxed),
             own_writes: s.own_writes.load(Ordering::Relaxed),
             catchup_steps: s.steps.load(Ordering::Relaxed),

@@ -245,6 +245,12 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
         "openfhir_invalidation_first_total{{channel=\"catchup\"}} {}",
         inv.first_by_catchup
     );
+    let _ = writeln!(
+        out,
+        "openfhir_invalidation_first_total{{channel=\"peer\"}} {}",
+        inv.first_by_peer
+    );
+    cluster_metrics(&mut out, &node.cluster().report());
     let _ = writeln!(out, "# HELP openfhir_invalidation_log_head Highest invalidation log position seen.\n# TYPE openfhir_invalidation_log_head gauge\nopenfhir_invalidation_log_head {}", inv.log_head);
     let _ = writeln!(out, "# HELP openfhir_invalidation_last_step_repaired Rows the last catch-up step applied itself (missed by NOTIFY).\n# TYPE openfhir_invalidation_last_step_repaired gauge\nopenfhir_invalidation_last_step_repaired {}", inv.last_step_repaired);
     if let Some(w) = inv.watermark {
@@ -259,4 +265,81 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
     let _ = writeln!(out, "# HELP openfhir_db_pool_connections Pooled database connections.\n# TYPE openfhir_db_pool_connections gauge");
     let _ = writeln!(out, "openfhir_db_pool_connections{{state=\"open\"}} {size}\nopenfhir_db_pool_connections{{state=\"idle\"}} {idle}");
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The peer channel's part of `/metrics`.
+fn cluster_metrics(out: &mut String, c: &crate::cluster::ClusterReport) {
+    use crate::cluster::PeerState;
+    let _ = writeln!(out, "# HELP openfhir_cluster_peers Known cluster peers by state.\n# TYPE openfhir_cluster_peers gauge");
+    for (state, name) in [
+        (PeerState::Alive, "alive"),
+        (PeerState::Suspect, "suspect"),
+        (PeerState::Gone, "gone"),
+        (PeerState::Left, "left"),
+    ] {
+        let n = c.peers.iter().filter(|p| p.state == state).count();
+        let _ = writeln!(out, "openfhir_cluster_peers{{state=\"{name}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP openfhir_cluster_broadcasts_total Invalidations this node sent to its peers.\n# TYPE openfhir_cluster_broadcasts_total counter\nopenfhir_cluster_broadcasts_total {}", c.counters.broadcasts);
+    let _ = writeln!(out, "# HELP openfhir_cluster_applied_total Invalidations received from peers and applied.\n# TYPE openfhir_cluster_applied_total counter\nopenfhir_cluster_applied_total {}", c.counters.applied);
+    let _ = writeln!(out, "# HELP openfhir_cluster_gap_catchups_total Catch-up steps run because a peer's sequence numbers had a gap.\n# TYPE openfhir_cluster_gap_catchups_total counter\nopenfhir_cluster_gap_catchups_total {}", c.counters.gap_catchups);
+    let _ = writeln!(out, "# HELP openfhir_cluster_frames_rejected_total Cluster connections closed for a bad frame, by reason.\n# TYPE openfhir_cluster_frames_rejected_total counter");
+    for (reason, n) in [
+        ("malformed", c.counters.frames_malformed),
+        ("oversized", c.counters.frames_oversized),
+        ("unauthenticated", c.counters.frames_unauthenticated),
+        ("protocol", c.counters.frames_protocol),
+    ] {
+        let _ = writeln!(
+            out,
+            "openfhir_cluster_frames_rejected_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
+    let _ = writeln!(out, "# HELP openfhir_cluster_handshakes_failed_total Cluster handshakes refused, broken or timed out.\n# TYPE openfhir_cluster_handshakes_failed_total counter\nopenfhir_cluster_handshakes_failed_total {}", c.counters.handshakes_failed);
+    let _ = writeln!(out, "# HELP openfhir_cluster_connections_shed_total Cluster connections closed because too many handshakes were running.\n# TYPE openfhir_cluster_connections_shed_total counter\nopenfhir_cluster_connections_shed_total {}", c.counters.connections_shed);
+    let _ = writeln!(out, "# HELP openfhir_cluster_rejected_peers Addresses refused (other version, cluster name or secret).\n# TYPE openfhir_cluster_rejected_peers gauge\nopenfhir_cluster_rejected_peers {}", c.rejected.len());
+    let per_peer: [(&str, &str, fn(&crate::cluster::PeerReport) -> u64); 5] = [
+        (
+            "openfhir_cluster_peer_sent_total",
+            "Messages sent to the peer.",
+            |p| p.sent,
+        ),
+        (
+            "openfhir_cluster_peer_received_total",
+            "Messages received from the peer.",
+            |p| p.received,
+        ),
+        (
+            "openfhir_cluster_peer_dropped_total",
+            "Messages dropped for the peer (queue full).",
+            |p| p.dropped,
+        ),
+        (
+            "openfhir_cluster_peer_gaps_total",
+            "Sequence gaps seen from the peer.",
+            |p| p.gaps,
+        ),
+        (
+            "openfhir_cluster_peer_last_heard_ms",
+            "Milliseconds since the peer was last heard.",
+            |p| p.last_heard_ms_ago,
+        ),
+    ];
+    for (name, help, f) in per_peer {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for p in &c.peers {
+            let _ = writeln!(
+                out,
+                "{name}{{peer=\"{}\",addr=\"{}\"}} {}",
+                p.node_id,
+                p.addr,
+                f(p)
+            );
+        }
+    }
 }

@@ -334,6 +334,9 @@ async fn receive(
                     st.members.invalidation_seq(&peer.node_id, inv.seq)
                 };
                 node.apply(&inv.change).await;
+                if let Some(xid) = inv.log_position.and_then(|p| u64::try_from(p).ok()) {
+                    node.invalidator().peer_delivered(xid);
+                }
                 s.counters.applied.fetch_add(1, Ordering::Relaxed);
                 if check == SeqCheck::Gap {
                     tracing::info!(peer = %peer.node_id, seq = inv.seq, "invalidations from a peer were missed; catching up from the database");
