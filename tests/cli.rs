@@ -157,6 +157,8 @@ async fn start_serve(
             ("OPENFHIR_DB_POOL_SIZE", "2"),
         ],
     );
+    let mut cmd = cmd;
+    cmd.envs(common::isolated_cluster_env());
     let mut guard = ChildGuard::spawn(cmd, dir, name);
     let base = format!("http://{addr}");
     let client = http();

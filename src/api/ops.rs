@@ -298,7 +298,8 @@ fn cluster_metrics(out: &mut String, c: &crate::cluster::ClusterReport) {
     let _ = writeln!(out, "# HELP openfhir_cluster_handshakes_failed_total Cluster handshakes refused, broken or timed out.\n# TYPE openfhir_cluster_handshakes_failed_total counter\nopenfhir_cluster_handshakes_failed_total {}", c.counters.handshakes_failed);
     let _ = writeln!(out, "# HELP openfhir_cluster_connections_shed_total Cluster connections closed because too many handshakes were running.\n# TYPE openfhir_cluster_connections_shed_total counter\nopenfhir_cluster_connections_shed_total {}", c.counters.connections_shed);
     let _ = writeln!(out, "# HELP openfhir_cluster_rejected_peers Addresses refused (other version, cluster name or secret).\n# TYPE openfhir_cluster_rejected_peers gauge\nopenfhir_cluster_rejected_peers {}", c.rejected.len());
-    let per_peer: [(&str, &str, fn(&crate::cluster::PeerReport) -> u64); 5] = [
+    type PeerFigure = fn(&crate::cluster::PeerReport) -> u64;
+    let per_peer: [(&str, &str, PeerFigure); 5] = [
         (
             "openfhir_cluster_peer_sent_total",
             "Messages sent to the peer.",

@@ -32,7 +32,7 @@ pub struct Stats {
     expirations: AtomicU64,
 }
 
-/// A point-in-time copy of [`Stats`] plus the entry count.
+/// A point-in-time copy of the cache's statistics plus the entry count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct StatsSnapshot {
     /// Entries currently held.

@@ -5,35 +5,34 @@
 //! the same [`Change`](crate::cache::Change)s, applied through the same rule
 //! ([`crate::cache::targets`]).
 //!
-//! # What exists now
-//! Only the protocol, as pure code with unit and property tests; nothing listens on
-//! `CLUSTER_PORT` yet.
-//!
+//! # Layout
+//! * [`broadcast`]: the [`Cluster`] handle a [`Node`](crate::node::Node) holds. It owns the
+//!   broadcast sequence, one bounded queue per connected peer and the [`membership`] table, all
+//!   behind one short lock that is never held across an await; [`Cluster::broadcast`] never waits.
+//! * [`transport`](start): the tasks. The listener accepts and authenticates peers and reads their
+//!   frames; one dialer per discovered address keeps a sending connection up, with backoff; each
+//!   sending connection has its own writer task that drains its queue and sends heartbeats; a
+//!   failure detector moves silent peers to suspect and gone; a gap-repair task runs a database
+//!   catch-up step when a peer's sequence numbers skip.
+//! * [`discovery`]: `MULTICAST`, `DNS` and `TCP`, each a task publishing the addresses it knows.
+//! * [`membership`]: alive, suspect, gone and left, as a plain table driven by events and
+//!   instants (unit-tested without sockets).
 //! * [`wire`]: length-prefixed frames ([`read_frame`], [`write_frame`], at most [`MAX_FRAME`]
 //!   bytes, the length checked before allocating) and the JSON [`Envelope`] around every
 //!   [`Message`], carrying the magic number [`MAGIC`] (`"OFC1"`), the protocol version
 //!   [`PROTOCOL`] and the cluster name. Decoders are total: any bytes give a message or a
 //!   [`WireError`].
 //! * [`auth`]: the handshake ([`Hello`], [`Welcome`], [`Proof`] or [`Reject`]) as a state
-//!   machine without IO ([`client_start`], [`server_on_hello`], [`client_on_welcome`],
-//!   [`server_on_proof`]) plus drivers over any async stream ([`connect`], [`accept`]). Peers
-//!   must agree on the cluster name and the release. With a `CLUSTER_SECRET` both sides prove it
+//!   machine without IO plus drivers over any async stream ([`connect`], [`accept`]). Peers must
+//!   agree on the cluster name and the release. With a `CLUSTER_SECRET` both sides prove it
 //!   (HMAC-SHA256 challenge-response) and every later frame carries a MAC and a sequence number
 //!   ([`Sealer`], [`Opener`]), so frames cannot be forged, replayed, reordered or reflected.
 //!
-//! # Planned
-//! * **Discovery** (`CLUSTER_DISCOVERY`): `MULTICAST` announcements on the LAN, `DNS` (resolving
-//!   `CLUSTER_DNS_QUERY`, a headless service, again on a timer) and `TCP` (the static
-//!   `CLUSTER_INITIAL_HOSTS`, re-resolved on a timer).
-//! * **Membership**: a plain struct, fed with events and `tokio::time::Instant`s, that moves each
-//!   peer through alive, suspect (heartbeats missed) and gone, and notices restarts.
-//! * **Transport**: one connection per peer with a bounded outgoing queue, so a slow peer is
-//!   dropped and reconnected rather than allowed to hold memory or block the others.
-//! * **Broadcast**: every committed local change sent as an [`Invalidate`] to every alive peer;
-//!   [`Heartbeat`]s carry the origin's last sequence number so a receiver that sees a gap runs a
-//!   catch-up step instead of trusting the channel; [`Leave`] on clean shutdown.
-//! * **Configuration**: a cluster name, a node id and `CLUSTER_SECRET` (masked like the other
-//!   secrets) are not settings yet.
+//! # Why two connections per pair
+//! A node sends only on connections it dialed and receives only on connections it accepted.
+//! Each writer task then owns its socket outright (ordering for free, no lock on the send path),
+//! and a peer that connected to us is dialed back at its advertised address, so discovery that
+//! works in one direction is enough.
 
 pub mod auth;
 pub mod broadcast;

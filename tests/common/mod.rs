@@ -2,6 +2,7 @@
 //! port 0) against its own fresh PostgreSQL database, and fixture builders.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod pg;
 
 use std::collections::HashMap;
@@ -62,12 +63,41 @@ pub async fn spawn_url(db_url: &str, env: &[(&str, &str)]) -> TestApp {
 }
 
 /// The configuration of a test node: its database, port 0, a small pool, plus `env`.
+/// Cluster settings that keep a test node to itself: loopback, any free port, its own cluster
+/// name and multicast port (so parallel tests never see each other's announcements).
+pub fn isolated_cluster_env() -> Vec<(String, String)> {
+    let tag = unique_tag();
+    let port = 20000 + (tag % 40000) as u16;
+    vec![
+        ("CLUSTER_BIND_ADDR".into(), "127.0.0.1".into()),
+        ("CLUSTER_PORT".into(), "0".into()),
+        ("CLUSTER_NAME".into(), format!("test-{tag:x}")),
+        (
+            "CLUSTER_MULTICAST_ADDR".into(),
+            format!("239.255.78.1:{port}"),
+        ),
+    ]
+}
+
+/// A number unique to this call in this machine's recent history (pid, counter and clock).
+pub fn unique_tag() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    (u64::from(std::process::id()) << 20) ^ (n << 8) ^ t
+}
+
 pub fn test_config(db_url: &str, env: &[(&str, &str)]) -> Config {
     let mut map: HashMap<String, String> = HashMap::from([
         ("DATABASE_URL".into(), db_url.to_string()),
         ("OPENFHIR_HTTP_ADDR".into(), "127.0.0.1:0".into()),
         ("OPENFHIR_DB_POOL_SIZE".into(), "8".into()),
     ]);
+    map.extend(isolated_cluster_env());
     for (k, v) in env {
         map.insert(k.to_string(), v.to_string());
     }
@@ -150,6 +180,20 @@ impl TestApp {
         if let Some(r) = self.running.take() {
             r.shutdown().await.unwrap();
         }
+    }
+
+    /// Stops the node at once, as a crash would: no goodbye to its peers.
+    pub fn abort(mut self) {
+        if let Some(r) = self.running.take() {
+            r.abort();
+        }
+    }
+
+    /// `GET /cluster` as JSON.
+    pub async fn cluster_json(&self) -> serde_json::Value {
+        let r = self.client.get(self.url("/cluster")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
     }
 }
 
