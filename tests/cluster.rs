@@ -635,3 +635,75 @@ async fn multicast_three_nodes_find_each_other_with_no_configuration() {
     n2.stop().await;
     n1.stop().await;
 }
+
+/// DNS mode: the test's own DNS server answers the headless-service name with the nodes'
+/// addresses; a fourth node added to the zone later is picked up by every node's lookups, and a
+/// node removed from the zone is dropped from discovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dns_nodes_find_each_other_and_a_pod_added_later_joins() {
+    use common::dns::TestDns;
+    use std::net::IpAddr;
+    let db = TestDb::new().await;
+    let name = cluster_name();
+    let query = "openfhir-cluster.default.svc.cluster.local";
+    let ip = |n: u8| IpAddr::from([127, 0, 13, n]);
+    let dns = TestDns::start(query, vec![ip(2), ip(3), ip(4)]).await;
+    let server = dns.addr.to_string();
+    let env = |n: u8| -> Vec<(String, String)> {
+        node_env(
+            &name,
+            &ip(n).to_string(),
+            "",
+            &[
+                ("CLUSTER_DISCOVERY", "DNS"),
+                ("CLUSTER_DNS_QUERY", query),
+                ("CLUSTER_DNS_SERVER", &server),
+                ("CLUSTER_DNS_INTERVAL", "1"),
+                ("CLUSTER_INITIAL_HOSTS", ""),
+            ],
+        )
+    };
+    let n1 = start(&db.url, &env(2)).await;
+    let n2 = start(&db.url, &env(3)).await;
+    let n3 = start(&db.url, &env(4)).await;
+    all_connected(&[&n1, &n2, &n3]).await;
+    assert_eq!(n1.cluster_json().await["cluster"]["discovery"], "DNS");
+
+    // A new pod: in the zone first (as a headless service with publishNotReadyAddresses does),
+    // then started.
+    dns.set(vec![ip(2), ip(3), ip(4), ip(5)]);
+    let n4 = start(&db.url, &env(5)).await;
+    all_connected(&[&n1, &n2, &n3, &n4]).await;
+    let fourth: SocketAddr = (ip(5), 7800).into();
+    for n in [&n1, &n2, &n3] {
+        assert!(
+            wait_for(5, || n.node.cluster().report().discovered.contains(&fourth)).await,
+            "{} never resolved the new pod",
+            n.base
+        );
+    }
+    assert_eq!(n4.put_opt("dn", &opt_xml("dn", "dn-one")).await, 201);
+    assert!(n1.get_text("/opt/dn").await.contains("dn-one"));
+    assert_eq!(n4.put_opt("dn", &opt_xml("dn", "dn-two")).await, 200);
+    assert!(reads_until(&n1, "/opt/dn", "dn-two").await.is_some());
+
+    // The pod goes away: out of the zone, and out of discovery on the next lookup.
+    dns.set(vec![ip(2), ip(3), ip(4)]);
+    n4.stop().await;
+    for n in [&n1, &n2, &n3] {
+        assert!(
+            wait_for(5, || !n
+                .node
+                .cluster()
+                .report()
+                .discovered
+                .contains(&fourth))
+            .await,
+            "{} still dials the removed pod",
+            n.base
+        );
+    }
+    n3.stop().await;
+    n2.stop().await;
+    n1.stop().await;
+}
