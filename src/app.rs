@@ -46,11 +46,11 @@ impl Running {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::Bind {
                 addr: self.addr,
-                source: e,
+                io: e,
             }),
             Err(e) => Err(Error::Bind {
                 addr: self.addr,
-                source: std::io::Error::other(e),
+                io: std::io::Error::other(e),
             }),
         }
     }
@@ -103,13 +103,13 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
     tasks.extend(crate::cluster::start(node.clone()).await?);
     let listener = tokio::net::TcpListener::bind(cfg.http.addr)
         .await
-        .map_err(|source| Error::Bind {
+        .map_err(|io| Error::Bind {
             addr: cfg.http.addr,
-            source,
+            io,
         })?;
-    let addr = listener.local_addr().map_err(|source| Error::Bind {
+    let addr = listener.local_addr().map_err(|io| Error::Bind {
         addr: cfg.http.addr,
-        source,
+        io,
     })?;
     let (stop, stopped) = oneshot::channel::<()>();
     let app = crate::api::router(node.clone());

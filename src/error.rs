@@ -86,12 +86,24 @@ pub enum Error {
     },
 
     /// The HTTP address could not be bound.
-    #[error("cannot listen on {addr}: {source} (set OPENFHIR_HTTP_ADDR to a free address)")]
+    #[error("cannot listen on {addr}: {io} (set OPENFHIR_HTTP_ADDR to a free address)")]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a separate source, so it is printed once).
+        io: std::io::Error,
+    },
+
+    /// The cluster port could not be bound.
+    #[error(
+        "cannot listen for cluster peers on {addr}: {io} (is another node using it? set \
+         CLUSTER_BIND_ADDR or CLUSTER_PORT to a free address)"
+    )]
+    ClusterBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why (in the message, not a separate source, so it is printed once).
+        io: std::io::Error,
     },
 
     /// A cache load failed; the same failure is shared by every caller that waited on it.

@@ -51,10 +51,10 @@ pub async fn start(node: Arc<Node>) -> Result<Vec<JoinHandle<()>>> {
     let bind = SocketAddr::new(s.config.bind_addr, s.config.port);
     let listener = TcpListener::bind(bind)
         .await
-        .map_err(|source| Error::Bind { addr: bind, source })?;
+        .map_err(|io| Error::ClusterBind { addr: bind, io })?;
     let local = listener
         .local_addr()
-        .map_err(|source| Error::Bind { addr: bind, source })?;
+        .map_err(|io| Error::ClusterBind { addr: bind, io })?;
     let _ = s.local_addr.set(local);
     if s.secret.is_none() {
         tracing::warn!(
