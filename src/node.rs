@@ -22,6 +22,11 @@ use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
 pub type LoadHook =
     Arc<dyn Fn(CacheName, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// Called after [`Node::apply`] applied a change to this node's caches: for changes delivered by
+/// the peer channel, NOTIFY or catch-up, and operator evictions (not this node's own writes). Benchmarks use it to time
+/// propagation; it must be cheap and must not block.
+pub type ApplyHook = Arc<dyn Fn(&Change) + Send + Sync>;
+
 /// One node's cached view of the store.
 pub struct Node {
     id: String,
@@ -31,6 +36,7 @@ pub struct Node {
     caches: Caches,
     cluster: Cluster,
     load_hook: RwLock<Option<LoadHook>>,
+    apply_hook: RwLock<Option<ApplyHook>>,
 }
 
 impl Node {
@@ -48,12 +54,20 @@ impl Node {
             db,
             caches,
             load_hook: RwLock::new(None),
+            apply_hook: RwLock::new(None),
         })
     }
 
     /// Installs (or with `None` removes) the [`LoadHook`].
     pub fn set_load_hook(&self, hook: Option<LoadHook>) {
         if let Ok(mut h) = self.load_hook.write() {
+            *h = hook;
+        }
+    }
+
+    /// Installs (or with `None` removes) the [`ApplyHook`].
+    pub fn set_apply_hook(&self, hook: Option<ApplyHook>) {
+        if let Ok(mut h) = self.apply_hook.write() {
             *h = hook;
         }
     }
@@ -121,6 +135,9 @@ impl Node {
     pub async fn apply(&self, change: &Change) -> usize {
         let n = self.caches.apply(change).await;
         tracing::debug!(?change, targets = n, "evicted");
+        if let Some(hook) = self.apply_hook.read().ok().and_then(|h| h.clone()) {
+            hook(change);
+        }
         n
     }
 
