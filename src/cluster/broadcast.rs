@@ -203,6 +203,8 @@ impl Cluster {
         st.seq += 1;
         let seq = st.seq;
         s.counters.broadcasts.fetch_add(1, Ordering::Relaxed);
+        let State { members, links, .. } = &mut *st;
+        members.missed_unless(|id| links.contains_key(id));
         if st.links.is_empty() {
             return seq;
         }

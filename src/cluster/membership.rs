@@ -310,6 +310,17 @@ impl Membership {
         }
     }
 
+    /// Counts a broadcast against every known peer, except those that left, that has no sending
+    /// connection right now (`linked` says which do): it will never get this message.
+    pub fn missed_unless(&mut self, linked: impl Fn(&str) -> bool) {
+        for (id, e) in &mut self.peers {
+            if e.state != PeerState::Left && !linked(id) {
+                e.dropped += 1;
+                e.missed = true;
+            }
+        }
+    }
+
     /// Applies the silence limits; returns the node ids that just became gone.
     pub fn tick(&mut self, now: Instant) -> Vec<String> {
         let t = self.timing;
@@ -504,6 +515,22 @@ mod tests {
         assert!(r.missed && r.dropped == 1 && r.sent == 3 && r.outbound);
         m.outbound_down("b", false);
         assert!(!m.report(t0)[0].outbound);
+    }
+
+    #[test]
+    fn a_broadcast_while_a_peer_is_unlinked_marks_it_missed() {
+        let mut m = table();
+        let t0 = Instant::now();
+        m.outbound_up("b", addr(2), "0.1.0", t0);
+        m.inbound_up("c", addr(3), "0.1.0", t0);
+        m.inbound_up("d", addr(4), "0.1.0", t0);
+        m.left("d");
+        m.missed_unless(|id| id == "b");
+        let r = m.report(t0);
+        let get = |id: &str| r.iter().find(|p| p.node_id == id).unwrap().clone();
+        assert!(!get("b").missed);
+        assert!(get("c").missed && get("c").dropped == 1);
+        assert!(!get("d").missed, "a node that left is not owed anything");
     }
 
     #[test]
