@@ -1,4 +1,7 @@
 //! Build a node, run its tasks, shut down gracefully.
+//!
+//! [`start`] runs a whole node: the background machinery plus the HTTP API. [`start_embedded`]
+//! runs the same machinery without HTTP, for a Rust program that uses the [`Node`] directly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,11 +13,45 @@ use crate::config::{describe, Config};
 use crate::error::{Error, Result};
 use crate::node::Node;
 
-/// Options of `serve`.
+/// Options of `serve`, [`start`] and [`start_embedded`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServeOptions {
     /// Skip applying pending migrations at startup (`--no-migrate`).
     pub no_migrate: bool,
+}
+
+/// A node running without the HTTP API (see [`start_embedded`]): the database invalidation
+/// channel (NOTIFY listener, catch-up and pruning) and the peer cluster channel run in the
+/// background; the program reads and writes through [`Embedded::node`].
+#[must_use = "dropping an Embedded node leaves its tasks running until the runtime ends; call shutdown"]
+pub struct Embedded {
+    /// The node's cached store: the same reads and writes as the HTTP API, without HTTP.
+    pub node: Arc<Node>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Embedded {
+    /// Leaves the cluster (peers drop this node at once instead of waiting for its heartbeats to
+    /// stop), stops the background tasks and closes the database pool. Writes that already
+    /// returned have been broadcast; call this after the last one.
+    pub async fn shutdown(mut self) {
+        self.node.cluster().leave(LEAVE_WAIT).await;
+        self.stop_tasks();
+    }
+
+    /// Stops everything at once without leaving the cluster, as a crash would (peers notice by
+    /// the closed connections). For tests of failure handling.
+    pub fn abort(mut self) {
+        self.node.cluster().abort();
+        self.stop_tasks();
+    }
+
+    fn stop_tasks(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.node.db().close();
+    }
 }
 
 /// A running node: its HTTP address, its store, and the handle that stops it.
@@ -26,7 +63,7 @@ pub struct Running {
     pub node: Arc<Node>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
-    tasks: Vec<JoinHandle<()>>,
+    background: Embedded,
 }
 
 impl Running {
@@ -37,11 +74,7 @@ impl Running {
             let _ = stop.send(());
         }
         let r = (&mut self.server).await;
-        self.node.cluster().leave(LEAVE_WAIT).await;
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-        self.node.db().close();
+        self.background.shutdown().await;
         match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::Bind {
@@ -60,11 +93,7 @@ impl Running {
     pub fn abort(mut self) {
         self.stop.take();
         self.server.abort();
-        self.node.cluster().abort();
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
-        self.node.db().close();
+        self.background.abort();
     }
 
     /// Waits until the server ends by itself (it only does on error) or `signal` fires, then shuts down.
@@ -82,9 +111,14 @@ impl Running {
 /// How long shutdown waits for the Leave messages to be written.
 const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Connects to the database (failing fast with a clear message), migrates unless told not to,
-/// binds the HTTP API and starts serving.
-pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
+/// Starts a node without the HTTP API: connects to the database (failing fast with a clear
+/// message), migrates unless told not to, sets the invalidation cursor, starts the NOTIFY
+/// listener and the catch-up task (as configured) and joins the peer cluster channel
+/// (`CLUSTER_*`). Stop it with [`Embedded::shutdown`].
+///
+/// A node embedded this way is a full cluster member: its writes are broadcast to the peers
+/// and theirs evict its caches. `examples/embedded.rs` shows a complete program.
+pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedded> {
     let node = Arc::new(Node::new(config)?);
     let cfg = node.config().clone();
     if let Err(e) = node.db().check().await {
@@ -99,26 +133,55 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
     // The cursor starts at "now" before anything is cached or served: every later change is
     // then either seen by a load or replayed by catch-up.
     node.invalidator().init(&node).await?;
-    let mut tasks = spawn_invalidation(&node);
-    tasks.extend(crate::cluster::start(node.clone()).await?);
-    let listener = tokio::net::TcpListener::bind(cfg.http.addr)
-        .await
-        .map_err(|io| Error::Bind {
-            addr: cfg.http.addr,
-            io,
-        })?;
-    let addr = listener.local_addr().map_err(|io| Error::Bind {
-        addr: cfg.http.addr,
-        io,
-    })?;
+    let mut background = Embedded {
+        tasks: spawn_invalidation(&node),
+        node,
+    };
+    match crate::cluster::start(background.node.clone()).await {
+        Ok(tasks) => background.tasks.extend(tasks),
+        Err(e) => {
+            background.abort();
+            return Err(e);
+        }
+    }
+    Ok(background)
+}
+
+/// Connects to the database (failing fast with a clear message), migrates unless told not to,
+/// starts the background tasks as [`start_embedded`] does, binds the HTTP API and starts serving.
+pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
+    let background = start_embedded(config, opts).await?;
+    let node = background.node.clone();
+    let cfg = node.config().clone();
+    let bound = async {
+        let listener = tokio::net::TcpListener::bind(cfg.http.addr).await?;
+        let addr = listener.local_addr()?;
+        Ok::<_, std::io::Error>((listener, addr))
+    };
+    let (listener, addr) = match bound.await {
+        Ok(b) => b,
+        Err(io) => {
+            background.abort();
+            return Err(Error::Bind {
+                addr: cfg.http.addr,
+                io,
+            });
+        }
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let app = crate::api::router(node.clone());
+    let limits = crate::api::ServerLimits {
+        max_connections: cfg.http.max_connections,
+        header_timeout: std::time::Duration::from_secs(cfg.http.header_timeout_secs),
+        // In-flight requests are bounded by the request timeout; a little more for the response.
+        drain: std::time::Duration::from_secs(cfg.http.request_timeout_secs + 5),
+    };
+    let stats = node.http_stats().clone();
     let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await
+        crate::api::serve(listener, app, limits, stats, async {
+            let _ = stopped.await;
+        })
+        .await
     });
     tracing::info!(
         http = %addr,
@@ -136,7 +199,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
         node,
         stop: Some(stop),
         server,
-        tasks,
+        background,
     })
 }
 

@@ -76,6 +76,12 @@ pub const VARS: &[Var] = &[
           doc: "Largest accepted request body in bytes (default 16 MiB; real OPTs reach 3 MB). Larger bodies get 413." },
     Var { env: "OPENFHIR_REQUEST_TIMEOUT_SECS", key: "http.request_timeout_secs", default: "30",
           doc: "A request that takes longer than this many seconds is answered 408 and its resources freed." },
+    Var { env: "OPENFHIR_HEADER_TIMEOUT_SECS", key: "http.header_timeout_secs", default: "10",
+          doc: "A client must send a request's headers within this many seconds, or its connection is closed." },
+    Var { env: "OPENFHIR_MAX_CONNECTIONS", key: "http.max_connections", default: "4096",
+          doc: "Open HTTP connections at most; more are closed at once." },
+    Var { env: "OPENFHIR_MAX_CONCURRENT_REQUESTS", key: "http.max_concurrent_requests", default: "512",
+          doc: "Requests handled at once at most; more get 503 with Retry-After (the health routes are exempt)." },
     Var { env: "OPENFHIR_PG_NOTIFY", key: "invalidation.pg_notify", default: "true",
           doc: "LISTEN for the database's invalidation notifications (the fallback channel): true or false." },
     Var { env: "OPENFHIR_CATCHUP_INTERVAL_MS", key: "invalidation.catchup_interval_ms", default: "1000",
@@ -542,6 +548,12 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// `OPENFHIR_REQUEST_TIMEOUT_SECS`: per-request time limit, in seconds.
     pub request_timeout_secs: u64,
+    /// `OPENFHIR_HEADER_TIMEOUT_SECS`: time to receive request headers, in seconds.
+    pub header_timeout_secs: u64,
+    /// `OPENFHIR_MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// `OPENFHIR_MAX_CONCURRENT_REQUESTS`.
+    pub max_concurrent_requests: usize,
 }
 
 /// The database invalidation channel: LISTEN/NOTIFY and log catch-up.
@@ -715,6 +727,15 @@ impl Config {
             })?,
             request_timeout_secs: raw.parse("http.request_timeout_secs", |s| {
                 parse_range(s, 1, 3600, "a number of seconds").map(|n| n as u64)
+            })?,
+            header_timeout_secs: raw.parse("http.header_timeout_secs", |s| {
+                parse_range(s, 1, 3600, "a number of seconds").map(|n| n as u64)
+            })?,
+            max_connections: raw.parse("http.max_connections", |s| {
+                parse_range(s, 1, 1_000_000, "a number of connections")
+            })?,
+            max_concurrent_requests: raw.parse("http.max_concurrent_requests", |s| {
+                parse_range(s, 1, 1_000_000, "a number of requests")
             })?,
         };
         let invalidation = InvalidationConfig {

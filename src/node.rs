@@ -37,6 +37,7 @@ pub struct Node {
     cluster: Cluster,
     load_hook: RwLock<Option<LoadHook>>,
     apply_hook: RwLock<Option<ApplyHook>>,
+    http_stats: Arc<crate::api::ServerStats>,
 }
 
 impl Node {
@@ -55,6 +56,7 @@ impl Node {
             caches,
             load_hook: RwLock::new(None),
             apply_hook: RwLock::new(None),
+            http_stats: Arc::default(),
         })
     }
 
@@ -115,6 +117,11 @@ impl Node {
     /// The caches (statistics, explicit eviction).
     pub fn caches(&self) -> &Caches {
         &self.caches
+    }
+
+    /// Counters of this node's HTTP front (connections, shed requests).
+    pub fn http_stats(&self) -> &Arc<crate::api::ServerStats> {
+        &self.http_stats
     }
 
     /// The peer cluster channel (membership, statistics, broadcast).

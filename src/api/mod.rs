@@ -3,6 +3,7 @@
 mod artifacts;
 mod error;
 mod ops;
+pub mod server;
 mod tenants;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use bytes::Bytes;
 use subtle::ConstantTimeEq;
 
 pub use error::{ApiError, ApiResult};
+pub use server::{serve, ServerLimits, ServerStats};
 
 use crate::domain::{self, FcFormat};
 use crate::node::Node;
@@ -123,6 +125,13 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/health/ready", get(ops::ready))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route", vec![]) })
         .layer(middleware::from_fn_with_state(node.clone(), consistency))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Limiter {
+                slots: Arc::new(tokio::sync::Semaphore::new(http.max_concurrent_requests)),
+                node: node.clone(),
+            }),
+            limit_concurrency,
+        ))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
         .layer(middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
@@ -132,6 +141,36 @@ pub fn router(node: Arc<Node>) -> Router {
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(node)
+}
+
+struct Limiter {
+    slots: Arc<tokio::sync::Semaphore>,
+    node: AppState,
+}
+
+/// At most `OPENFHIR_MAX_CONCURRENT_REQUESTS` requests run at once; more are answered 503 at
+/// once (queueing would only turn overload into timeouts). Health probes are never refused, so
+/// an orchestrator does not restart a node for being busy.
+async fn limit_concurrency(State(l): State<Arc<Limiter>>, req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/health") {
+        return next.run(req).await;
+    }
+    let Ok(_slot) = l.slots.clone().try_acquire_owned() else {
+        l.node
+            .http_stats()
+            .shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut r = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many concurrent requests",
+            vec!["OPENFHIR_MAX_CONCURRENT_REQUESTS requests are running; retry shortly".into()],
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    };
+    next.run(req).await
 }
 
 /// Requires `Authorization: Bearer <OPENFHIR_API_TOKEN>` on every route but `/health*`.

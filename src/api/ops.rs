@@ -251,6 +251,10 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
         inv.first_by_peer
     );
     cluster_metrics(&mut out, &node.cluster().report());
+    let h = node.http_stats();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let _ = writeln!(out, "# HELP openfhir_http_connections_total HTTP connections accepted, and refused at OPENFHIR_MAX_CONNECTIONS.\n# TYPE openfhir_http_connections_total counter\nopenfhir_http_connections_total{{result=\"accepted\"}} {}\nopenfhir_http_connections_total{{result=\"refused\"}} {}", load(&h.accepted), load(&h.refused));
+    let _ = writeln!(out, "# HELP openfhir_http_shed_total Requests answered 503 at OPENFHIR_MAX_CONCURRENT_REQUESTS.\n# TYPE openfhir_http_shed_total counter\nopenfhir_http_shed_total {}", load(&h.shed));
     let _ = writeln!(out, "# HELP openfhir_invalidation_log_head Highest invalidation log position seen.\n# TYPE openfhir_invalidation_log_head gauge\nopenfhir_invalidation_log_head {}", inv.log_head);
     let _ = writeln!(out, "# HELP openfhir_invalidation_last_step_repaired Rows the last catch-up step applied itself (missed by NOTIFY).\n# TYPE openfhir_invalidation_last_step_repaired gauge\nopenfhir_invalidation_last_step_repaired {}", inv.last_step_repaired);
     if let Some(w) = inv.watermark {

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod pg;
+pub mod proc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
