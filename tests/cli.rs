@@ -4,29 +4,16 @@
 
 mod common;
 
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Output};
+use std::time::Duration;
 
 use common::pg::TestDb;
+use common::proc::{
+    catches_sigterm, command, free_port as closed_port, http, wait_live, ChildGuard,
+};
 use openfhir_cache::store::migrate::MIGRATIONS;
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_openfhir-cache");
-
-/// The binary with `args`, a cleared environment plus `env`, run in `dir`.
-fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
-        .current_dir(dir)
-        .stdin(Stdio::null());
-    c
-}
 
 /// Runs to completion (for commands that end by themselves: `config`, `migrate`).
 fn run(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -74,68 +61,6 @@ fn tempdir() -> tempfile::TempDir {
 }
 
 /// A port nothing listens on (bound, then released).
-fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// A running child process, killed (and reaped) when dropped, also when the test panics.
-struct ChildGuard {
-    child: Child,
-    stderr_path: PathBuf,
-}
-
-impl ChildGuard {
-    /// Starts `command` with stdout and stderr captured into files under `dir`.
-    fn spawn(mut command: Command, dir: &Path, name: &str) -> ChildGuard {
-        let stderr_path = dir.join(format!("{name}.stderr"));
-        let out = File::create(dir.join(format!("{name}.stdout"))).unwrap();
-        let err = File::create(&stderr_path).unwrap();
-        let child = command
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("the binary starts");
-        ChildGuard { child, stderr_path }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
-    }
-
-    /// Waits up to `limit` for the process to exit by itself.
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-    }
-
-    /// Panics (with its stderr) if the process has already exited.
-    fn assert_running(&mut self) {
-        if let Some(s) = self.child.try_wait().unwrap() {
-            panic!("the node exited early ({s}):\n{}", self.stderr());
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts `serve` on a free local port; returns the guard and the base URL once
 /// `/health/live` answers.
 async fn start_serve(
@@ -144,54 +69,18 @@ async fn start_serve(
     db_url: &str,
     name: &str,
 ) -> (ChildGuard, String) {
-    let port = closed_port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", closed_port());
+    let mut env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), db_url.into()),
+        ("OPENFHIR_HTTP_ADDR".into(), addr.clone()),
+        ("OPENFHIR_DB_POOL_SIZE".into(), "2".into()),
+    ];
+    env.extend(common::isolated_cluster_env());
     let mut args = vec!["serve"];
     args.extend_from_slice(extra_args);
-    let cmd = command(
-        dir,
-        &args,
-        &[
-            ("DATABASE_URL", db_url),
-            ("OPENFHIR_HTTP_ADDR", &addr),
-            ("OPENFHIR_DB_POOL_SIZE", "2"),
-        ],
-    );
-    let mut cmd = cmd;
-    cmd.envs(common::isolated_cluster_env());
-    let mut guard = ChildGuard::spawn(cmd, dir, name);
+    let guard = ChildGuard::spawn(command(dir, &args, &env), dir, name);
     let base = format!("http://{addr}");
-    let client = http();
-    for _ in 0..100 {
-        guard.assert_running();
-        if let Ok(r) = client.get(format!("{base}/health/live")).send().await {
-            if r.status() == 200 {
-                return (guard, base);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the node did not answer /health/live:\n{}", guard.stderr());
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-/// True once the process has a handler installed for SIGTERM (Linux: `SigCgt` in
-/// `/proc/PID/status`), so a SIGTERM will be handled, not fatal.
-fn catches_sigterm(pid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("SigCgt:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+    wait_live(guard, base).await
 }
 
 async fn migration_rows(db: &TestDb) -> Vec<(i32, i64)> {

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::pg::TestDb;
-use common::{opt_xml, spawn_url, unique_tag, TestApp};
+use common::{opt_xml, spawn_url, unique_tag, wait_for, TestApp};
 use openfhir_cache::cache::Change;
 use openfhir_cache::cluster::{
     self, ClusterSecret, Envelope, Heartbeat, Identity, Invalidate, Message, RejectReason,
@@ -46,18 +46,6 @@ async fn start(db_url: &str, env: &[(String, String)]) -> TestApp {
 
 fn cluster_name() -> String {
     format!("t{:x}", unique_tag())
-}
-
-/// Polls `check` every 20 ms for up to `secs` seconds.
-async fn wait_for(secs: u64, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check()
 }
 
 /// True when `app` has `n` alive peers with both connections up.

@@ -13,10 +13,8 @@ mod common;
 #[path = "../examples/embedded.rs"]
 mod example;
 
-use std::time::Duration;
-
 use common::pg::TestDb;
-use common::{opt_xml, spawn_url, test_config, unique_tag, TestApp};
+use common::{opt_xml, spawn_url, test_config, unique_tag, wait_for, TestApp};
 use openfhir_cache::app::{self, ServeOptions};
 use openfhir_cache::cluster::PeerState;
 use openfhir_cache::store::WriteMode;
@@ -89,17 +87,6 @@ fn member_env<'a>(name: &'a str, ip: &'a str) -> Vec<(&'a str, &'a str)> {
         ("OPENFHIR_PG_NOTIFY", "false"),
         ("OPENFHIR_CATCHUP_INTERVAL_MS", "0"),
     ]
-}
-
-async fn wait_for(secs: u64, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    check()
 }
 
 fn connected(node: &openfhir_cache::Node) -> bool {

@@ -1923,13 +1923,5 @@ async fn deep_nesting_is_a_400_not_a_crash() {
         .unwrap();
     assert_eq!(r.status(), 400);
     // The node is still up.
-    assert_eq!(
-        app.client
-            .get(app.url("/health/live"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(app.live_status().await, 200);
 }

@@ -190,6 +190,12 @@ impl TestApp {
         }
     }
 
+    /// The status of `GET /health/live` (is the node still serving?).
+    pub async fn live_status(&self) -> u16 {
+        let r = self.client.get(self.url("/health/live")).send().await;
+        r.map(|r| r.status().as_u16()).unwrap_or(0)
+    }
+
     /// `GET /cluster` as JSON.
     pub async fn cluster_json(&self) -> serde_json::Value {
         let r = self.client.get(self.url("/cluster")).send().await.unwrap();
@@ -230,4 +236,16 @@ pub fn model_yaml(name: &str, marker: &str) -> String {
     format!(
         "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata:\n  name: {name}\n  version: \"{marker}\"\nspec:\n  system: FHIR\n  version: R4\n  openEhrConfig:\n    archetype: openEHR-EHR-OBSERVATION.height.v2\n  fhirConfig:\n    structureDefinition: http://hl7.org/fhir/StructureDefinition/Observation\nmappings:\n  - name: height\n    with:\n      fhir: \"$resource.value\"\n      openehr: \"$archetype/data[at0001]/events[at0002]/data[at0003]/items[at0004]/value\"\n"
     )
+}
+
+/// Polls `check` every 20 ms for up to `secs` seconds; the last result.
+pub async fn wait_for(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    check()
 }

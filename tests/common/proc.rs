@@ -163,8 +163,13 @@ pub async fn start_serve<K: AsRef<str>, V: AsRef<str>>(
     addr: &str,
     env: &[(K, V)],
 ) -> (ChildGuard, String) {
-    let mut guard = ChildGuard::spawn(command(dir, &["serve"], env), dir, name);
-    let base = format!("http://{addr}");
+    let guard = ChildGuard::spawn(command(dir, &["serve"], env), dir, name);
+    wait_live(guard, format!("http://{addr}")).await
+}
+
+/// Waits (up to 20 s) until `GET {base}/health/live` answers 200, panicking with the process's
+/// stderr if it exits first or never answers.
+pub async fn wait_live(mut guard: ChildGuard, base: String) -> (ChildGuard, String) {
     let client = http();
     for _ in 0..200 {
         guard.assert_running();
@@ -175,8 +180,5 @@ pub async fn start_serve<K: AsRef<str>, V: AsRef<str>>(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!(
-        "{name} did not answer {base}/health/live:\n{}",
-        guard.stderr()
-    );
+    panic!("{base}/health/live never answered:\n{}", guard.stderr());
 }
