@@ -638,7 +638,7 @@ fn read_value(text: &str, format: FcFormat) -> Result<Value> {
     let v: Value = match format {
         FcFormat::Json => serde_json::from_str(text)
             .map_err(|e| Error::invalid("malformed JSON", e.to_string()))?,
-        FcFormat::Yaml => serde_norway::from_str(text)
+        FcFormat::Yaml => crate::domain::fhir_connect::read_yaml(text)
             .map_err(|e| Error::invalid("malformed YAML", e.to_string()))?,
     };
     if !v.is_object() {

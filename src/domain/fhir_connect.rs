@@ -107,8 +107,9 @@ pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedF
     let json: serde_json::Value = match format {
         FcFormat::Json => serde_json::from_str(text)
             .map_err(|e| Error::invalid("malformed JSON", e.to_string()))?,
-        FcFormat::Yaml => serde_norway::from_str(text)
-            .map_err(|e| Error::invalid("malformed YAML", e.to_string()))?,
+        FcFormat::Yaml => {
+            read_yaml(text).map_err(|e| Error::invalid("malformed YAML", e.to_string()))?
+        }
     };
     if text.contains('\0') {
         return Err(Error::invalid(
@@ -194,6 +195,145 @@ pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedF
     })
 }
 
+/// Reads YAML text as a JSON value, like `serde_norway::from_str::<serde_json::Value>`, but refuses
+/// a document whose aliases expand it to more than twice its size.
+///
+/// serde_norway expands an alias (`*a`) by replaying its anchor's events, and its own limit (100
+/// alias uses per event of the document) stops only exponential "billion laughs" nesting: a list of
+/// `n` aliases of an `n`-element anchor is `n * n` values, and 10 KB of YAML expanded to 250 MB
+/// (4 GB from 40 KB). Here every value counts one unit and every string byte one unit, and reading
+/// stops with an error after `2 * text.len() + 1024` units: a document without aliases never
+/// reaches that (each unit takes at least a byte of text), so only alias expansion is refused,
+/// and memory and time stay proportional to the text.
+pub(crate) fn read_yaml(text: &str) -> std::result::Result<serde_json::Value, serde_norway::Error> {
+    use serde::de::DeserializeSeed;
+    let budget = std::cell::Cell::new(text.len().saturating_mul(2).saturating_add(1024));
+    yaml::Bounded(&budget).deserialize(serde_norway::Deserializer::from_str(text))
+}
+
+mod yaml {
+    use std::cell::Cell;
+    use std::fmt;
+
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::{Map, Number, Value};
+
+    /// A [`Value`] seed that spends units of a shared budget (see [`super::read_yaml`]).
+    #[derive(Clone, Copy)]
+    pub(super) struct Bounded<'b>(pub(super) &'b Cell<usize>);
+
+    impl Bounded<'_> {
+        fn spend<E: de::Error>(self, units: usize) -> Result<(), E> {
+            match self.0.get().checked_sub(units) {
+                Some(left) => {
+                    self.0.set(left);
+                    Ok(())
+                }
+                None => {
+                    self.0.set(0);
+                    Err(E::custom(
+                        "the document's aliases expand it to more than twice its size",
+                    ))
+                }
+            }
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Bounded<'_> {
+        type Value = Value;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    /// A mapping key: a string, as serde_json reads keys.
+    struct Key<'b>(Bounded<'b>);
+
+    impl<'de> DeserializeSeed<'de> for Key<'_> {
+        type Value = String;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl Visitor<'_> for Key<'_> {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string key")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+            self.0.spend(1 + v.len())?;
+            Ok(v.to_string())
+        }
+    }
+
+    // Leaves mirror serde_json's own `Value` visitor.
+    impl<'de> Visitor<'de> for Bounded<'_> {
+        type Value = Value;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("any valid JSON value")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+            self.spend(1)?;
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+            self.spend(1)?;
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+            self.spend(1)?;
+            Ok(Value::Number(v.into()))
+        }
+        fn visit_i128<E: de::Error>(self, v: i128) -> Result<Value, E> {
+            self.spend(1)?;
+            <Number as de::Deserialize>::deserialize(de::value::I128Deserializer::<E>::new(v))
+                .map(Value::Number)
+        }
+        fn visit_u128<E: de::Error>(self, v: u128) -> Result<Value, E> {
+            self.spend(1)?;
+            <Number as de::Deserialize>::deserialize(de::value::U128Deserializer::<E>::new(v))
+                .map(Value::Number)
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+            self.spend(1)?;
+            Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+            self.spend(1 + v.len())?;
+            Ok(Value::String(v.to_string()))
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+            self.spend(1)?;
+            Ok(Value::Null)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+            self.spend(1)?;
+            Ok(Value::Null)
+        }
+        fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            self.deserialize(d)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            self.spend(1)?;
+            let mut items = Vec::new();
+            while let Some(v) = seq.next_element_seed(self)? {
+                items.push(v);
+            }
+            Ok(Value::Array(items))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            self.spend(1)?;
+            let mut object = Map::new();
+            while let Some(k) = map.next_key_seed(Key(self))? {
+                let v = map.next_value_seed(self)?;
+                object.insert(k, v);
+            }
+            Ok(Value::Object(object))
+        }
+    }
+}
+
 /// A stored FHIR Connect document. Shared and immutable.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -276,5 +416,76 @@ mod tests {
         )
         .unwrap_err();
         assert!(ext.to_string().contains("invalid FHIR Connect extension"));
+    }
+
+    use proptest::prelude::*;
+
+    fn plain(text: &str) -> std::result::Result<serde_json::Value, serde_norway::Error> {
+        serde_norway::from_str(text)
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+            "[-?:&*!|>#'\" \\[\\]{},0-9a-z]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(6, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("\\PC{0,8}", inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Without aliases, `read_yaml` reads exactly what serde_norway reads: any document a
+        /// serializer writes ...
+        #[test]
+        fn read_yaml_matches_serde_norway_on_written_documents(v in json_value()) {
+            let text = serde_norway::to_string(&v).unwrap();
+            prop_assert_eq!(read_yaml(&text).unwrap(), plain(&text).unwrap());
+        }
+
+        /// ... and any text at all: the same value, or an error for both (or, only when the text
+        /// has aliases, a budget error).
+        #[test]
+        fn read_yaml_matches_serde_norway_on_any_text(text in "([a-z]{1,3}: |- |  |\n|\\{|\\}|\\[|\\]|, |&a |\\*a|!!str |[0-9]{1,3}|'[^']{0,3}'|\"[a-z\\\\]{0,3}\"|\\? |~|\\PC){0,40}") {
+            match (read_yaml(&text), plain(&text)) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (Err(e), Ok(_)) => prop_assert!(text.contains('*') && e.to_string().contains("aliases"), "{e}"),
+                (Ok(a), Err(e)) => prop_assert!(false, "read {a:?} where serde_norway failed: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn read_yaml_budgets_alias_expansion() {
+        // n aliases of an n-element anchor: n * n values from about 5 n bytes.
+        let n = 1000;
+        let square = format!("a: &a [{}]\nb: [{}]\n", "1,".repeat(n), "*a,".repeat(n));
+        let e = read_yaml(&square).unwrap_err();
+        assert!(e.to_string().contains("aliases expand"), "{e}");
+        // serde_norway alone reads it: its own limit does not catch this shape.
+        assert_eq!(plain(&square).unwrap()["b"].as_array().unwrap().len(), n);
+        // A long string aliased many times.
+        let long = format!(
+            "a: &a '{}'\nb: [{}]\n",
+            "x".repeat(10_000),
+            "*a,".repeat(100)
+        );
+        assert!(read_yaml(&long).is_err());
+        // Moderate reuse is fine.
+        let ok = "a: &a {x: 1, y: [1, 2]}\nb: *a\nc: *a\n";
+        let v = read_yaml(ok).unwrap();
+        assert_eq!(v["c"], v["a"]);
+        assert_eq!(v, plain(ok).unwrap());
     }
 }

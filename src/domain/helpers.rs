@@ -19,6 +19,12 @@ pub const MAX_DEPTH: usize = 32;
 /// every level, and a tenant's upload must not be able to exhaust a node's memory.
 pub const MAX_HELPERS: usize = 20_000;
 
+/// Most bytes the strings of one tree (paths, names, [`HelperTree::unresolved`] entries) may take.
+/// A parent's path is repeated in every child with a relative path, and a slotted model is
+/// expanded once per slot, so one long path over many children would otherwise cost gigabytes
+/// for an upload of a megabyte. Once reached, nothing more is expanded (reported as `limit: ...`).
+pub const MAX_TREE_BYTES: usize = 64 << 20;
+
 /// One mapping, resolved.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Helper {
@@ -86,6 +92,8 @@ pub fn build(index: &MapperIndex, template: &TemplateTree) -> HelperTree {
         unresolved: Vec::new(),
         branch: Vec::new(),
         made: 0,
+        bytes: 0,
+        limited: false,
     };
     if template.header().normalized_id != index.template_id {
         b.unresolved.push(format!(
@@ -148,6 +156,10 @@ struct Builder<'a> {
     branch: Vec<String>,
     /// Helpers made so far (bounded by [`MAX_HELPERS`]).
     made: usize,
+    /// Bytes of the strings made so far (bounded by [`MAX_TREE_BYTES`]).
+    bytes: usize,
+    /// The `limit: ...` entry was reported.
+    limited: bool,
 }
 
 impl Builder<'_> {
@@ -165,13 +177,37 @@ impl Builder<'_> {
             ..Scope::default()
         };
         self.branch.push(name.to_string());
-        let helpers = model
-            .mappings()
-            .iter()
-            .map(|m| self.mapping(name, m, &scope, depth))
-            .collect();
+        let mut helpers = Vec::new();
+        for m in model.mappings() {
+            if self.limit_reached(name, m.name.as_deref().unwrap_or_default()) {
+                break;
+            }
+            helpers.push(self.mapping(name, m, &scope, depth));
+        }
         self.branch.pop();
         helpers
+    }
+
+    /// Records a [`HelperTree::unresolved`] entry.
+    fn report(&mut self, entry: String) {
+        self.bytes += entry.len();
+        self.unresolved.push(entry);
+    }
+
+    /// True once the tree holds [`MAX_HELPERS`] helpers or [`MAX_TREE_BYTES`] bytes; the first
+    /// time, reports that `model/mapping` and what follows are not expanded.
+    fn limit_reached(&mut self, model: &str, mapping: &str) -> bool {
+        if self.made < MAX_HELPERS && self.bytes < MAX_TREE_BYTES {
+            return false;
+        }
+        if !self.limited {
+            self.limited = true;
+            self.unresolved.push(format!(
+                "limit: the tree reached {MAX_HELPERS} helpers or {} MiB; {model}/{mapping} and later mappings are not expanded",
+                MAX_TREE_BYTES >> 20
+            ));
+        }
+        true
     }
 
     /// The path `$archetype` stands for in `model`.
@@ -199,7 +235,7 @@ impl Builder<'_> {
             None => nodes.next().map(|n| n.path.clone()),
         };
         if found.is_none() {
-            self.unresolved.push(format!(
+            self.report(format!(
                 "archetype: model '{name}': archetype '{id}' is not in the template"
             ));
         }
@@ -213,8 +249,13 @@ impl Builder<'_> {
             .and_then(|w| w.openehr.as_deref())
             .map(|raw| substitute(raw.trim(), scope, &self.template.root().path));
         let resolved = openehr_path.as_deref().is_some_and(|p| self.resolves(p));
+        let fhir_path = with.and_then(|w| w.fhir.clone());
+        self.bytes += model.len()
+            + name.len()
+            + fhir_path.as_ref().map_or(0, String::len)
+            + openehr_path.as_ref().map_or(0, String::len);
         if let (Some(p), false) = (&openehr_path, resolved) {
-            self.unresolved.push(format!("{model}/{name}: {p}"));
+            self.report(format!("{model}/{name}: {p}"));
         }
 
         let followed = m.followed_by.as_ref().and_then(|f| f.mappings.as_deref());
@@ -229,14 +270,10 @@ impl Builder<'_> {
             || slot.is_some();
         let mut children = Vec::new();
         self.made += 1;
-        if has_children && self.made >= MAX_HELPERS {
-            if self.made == MAX_HELPERS {
-                self.unresolved.push(format!(
-                    "limit: the tree reached {MAX_HELPERS} helpers; {model}/{name} and later children are not expanded"
-                ));
-            }
+        if has_children && self.limit_reached(model, &name) {
+            // Reported once by limit_reached.
         } else if has_children && depth >= MAX_DEPTH {
-            self.unresolved.push(format!(
+            self.report(format!(
                 "depth: {model}/{name}: children deeper than {MAX_DEPTH} levels are not expanded"
             ));
         } else if has_children {
@@ -246,6 +283,9 @@ impl Builder<'_> {
                 ..scope.clone()
             };
             for c in followed.unwrap_or_default() {
+                if self.limit_reached(model, c.name.as_deref().unwrap_or_default()) {
+                    break;
+                }
                 children.push(self.mapping(model, c, &child_scope, depth + 1));
             }
             let ref_scope = Scope {
@@ -254,15 +294,18 @@ impl Builder<'_> {
                 ..scope.clone()
             };
             for c in referenced.unwrap_or_default() {
+                if self.limit_reached(model, c.name.as_deref().unwrap_or_default()) {
+                    break;
+                }
                 children.push(self.mapping(model, c, &ref_scope, depth + 1));
             }
             if let Some(slot) = slot {
                 match self.index.resolve(slot) {
-                    None => self.unresolved.push(format!(
+                    None => self.report(format!(
                         "slot: {model}/{name}: '{slot}' names no model of the context"
                     )),
                     Some((target, _)) if self.branch.iter().any(|b| b == target) => {
-                        self.unresolved.push(format!(
+                        self.report(format!(
                             "cycle: {model}/{name}: {} -> {target} is not expanded again",
                             self.branch.join(" -> ")
                         ))
@@ -277,7 +320,7 @@ impl Builder<'_> {
         Helper {
             model: model.to_string(),
             mapping: name,
-            fhir_path: with.and_then(|w| w.fhir.clone()),
+            fhir_path,
             openehr_path,
             resolved,
             children,

@@ -21,6 +21,18 @@ use crate::error::{Error, Result};
 /// therefore run on the text *before* roxmltree sees it.
 pub const MAX_DEPTH: usize = 256;
 
+/// Most attributes (namespace declarations included) one start tag may have; checked by
+/// [`check_xml_depth`]. roxmltree compares each attribute of a tag with the tag's earlier ones, so
+/// its time grows with the square of this number per tag. OPT elements have at most a few.
+pub const MAX_ATTRIBUTES: usize = 64;
+
+/// Most namespace declarations (`xmlns`, `xmlns:p`) in scope at any element, its own and its
+/// ancestors'; checked by [`check_xml_depth`]. At every element that declares a namespace,
+/// roxmltree copies every namespace in scope and compares the copies with each other, so its time
+/// and memory grow with the square of this number per declaring element (60 KB of declarations
+/// took 12 s). OPTs declare two or three, on the root.
+pub const MAX_NAMESPACES: usize = 16;
+
 const XSI_NS: &str = "http://www.w3.org/2001/XMLSchema-instance";
 
 /// How often a node may occur: `lower..=upper`, `upper: None` = unbounded (`*`).
@@ -116,8 +128,11 @@ impl TemplateTree {
     ///
     /// DTDs are refused (roxmltree's default), so entities are never expanded. Fails with
     /// [`Error::Invalid`] naming what is missing when the text is not XML, the root is not
-    /// `<template>`, `template_id/value` or `definition` is missing, a number is malformed, or the
-    /// elements nest deeper than [`MAX_DEPTH`].
+    /// `<template>`, `template_id/value` or `definition` is missing, a number is malformed, the
+    /// elements nest deeper than [`MAX_DEPTH`] (or break another limit of [`check_xml_depth`]), or
+    /// the definition's paths would take more than four times the text's size plus 1 MiB (each
+    /// node repeats its parent's path, so long names in a deep tree, or many children under a long
+    /// path, could otherwise cost gigabytes for a text of kilobytes).
     pub fn parse(xml: &str) -> Result<TemplateTree> {
         check_xml_depth(xml, MAX_DEPTH)?;
         let doc = roxmltree::Document::parse(xml)
@@ -157,7 +172,7 @@ impl TemplateTree {
                 "missing <definition> under <template>: the constraint tree is required",
             )
         })?;
-        let root_node = build_tree(definition)?;
+        let root_node = build_tree(definition, path_budget(xml.len()))?;
         let mut paths = HashMap::new();
         let mut len = 0;
         let mut stack: Vec<(&Node, Vec<u32>)> = vec![(&root_node, Vec::new())];
@@ -227,8 +242,12 @@ impl TemplateTree {
 }
 
 /// Refuses XML whose elements nest deeper than `max`, with a linear scan of the text that
-/// allocates nothing. Run it before handing untrusted XML to roxmltree, whose tokenizer recurses
-/// once per level (see [`MAX_DEPTH`]).
+/// allocates only a stack of `max` bytes. Run it before handing untrusted XML to roxmltree, whose
+/// tokenizer recurses once per level (see [`MAX_DEPTH`]).
+///
+/// It also refuses what makes roxmltree's time or memory grow faster than the text: a start tag
+/// with more than [`MAX_ATTRIBUTES`] attributes, and more than [`MAX_NAMESPACES`] namespace
+/// declarations in scope at one element.
 ///
 /// The scan skips comments, CDATA sections, processing instructions, declarations and quoted
 /// attribute values the way an XML tokenizer does. It does not check well-formedness: a document
@@ -240,7 +259,17 @@ pub fn check_xml_depth(xml: &str, max: usize) -> Result<()> {
             .find(end)
             .map_or(b.len(), |p| from + p + end.len())
     };
-    let mut depth = 0usize;
+    // An attribute named `xmlns` or `xmlns:...` starts here. Checked wherever an `x` appears
+    // outside quotes, not only after whitespace, so a lenient tokenizer cannot be slipped a
+    // declaration the scan did not count (counting too many is harmless).
+    let is_xmlns = |at: usize| {
+        b[at..].starts_with(b"xmlns")
+            && b.get(at + 5)
+                .is_some_and(|c| matches!(c, b':' | b'=') || c.is_ascii_whitespace())
+    };
+    // The namespace declarations of each open element; its length is the depth.
+    let mut open: Vec<u8> = Vec::new();
+    let mut in_scope = 0usize;
     let mut i = 0;
     while let Some(p) = xml[i..].find('<') {
         i += p;
@@ -254,7 +283,7 @@ pub fn check_xml_depth(xml: &str, max: usize) -> Result<()> {
         } else if rest.starts_with(b"<!") {
             i = skip_to(i + 2, ">");
         } else if rest.starts_with(b"</") {
-            depth = depth.saturating_sub(1);
+            in_scope -= usize::from(open.pop().unwrap_or(0));
             i = skip_to(i + 2, ">");
         } else {
             // A start tag: find its '>' outside quoted attribute values. A '<' inside the tag
@@ -262,6 +291,7 @@ pub fn check_xml_depth(xml: &str, max: usize) -> Result<()> {
             let mut j = i + 1;
             let mut quote = None;
             let mut closed = false;
+            let (mut attributes, mut namespaces) = (0usize, 0usize);
             while j < b.len() {
                 let c = b[j];
                 match quote {
@@ -273,19 +303,37 @@ pub fn check_xml_depth(xml: &str, max: usize) -> Result<()> {
                         closed = true;
                         break;
                     }
+                    None if c == b'=' => attributes += 1,
+                    None if c == b'x' && is_xmlns(j) => namespaces += 1,
                     None => {}
                 }
                 j += 1;
             }
+            if attributes > MAX_ATTRIBUTES {
+                return Err(Error::invalid(
+                    "malformed OPT",
+                    format!("an element has more than {MAX_ATTRIBUTES} attributes (at byte {i})"),
+                ));
+            }
+            if in_scope + namespaces > MAX_NAMESPACES {
+                return Err(Error::invalid(
+                    "malformed OPT",
+                    format!(
+                        "more than {MAX_NAMESPACES} namespace declarations are in scope (at byte {i})"
+                    ),
+                ));
+            }
             let self_closing = closed && b[j - 1] == b'/';
             if !self_closing {
-                depth += 1;
-                if depth > max {
+                if open.len() >= max {
                     return Err(Error::invalid(
                         "malformed OPT",
                         format!("elements nest deeper than {max} levels (at byte {i})"),
                     ));
                 }
+                // At most MAX_ATTRIBUTES (checked above), so it fits a byte.
+                open.push(namespaces as u8);
+                in_scope += namespaces;
             }
             i = if closed { j + 1 } else { j };
         }
@@ -348,9 +396,16 @@ fn occurrences(node: XmlNode<'_, '_>, path: &str) -> Result<Occurrences> {
     Ok(Occurrences { lower, upper })
 }
 
+/// The bytes the paths and attribute names of the tree of an OPT of `len` bytes may take (see
+/// [`TemplateTree::parse`]). Real OPTs take well under their own size.
+fn path_budget(len: usize) -> usize {
+    len.saturating_mul(4).saturating_add(1 << 20)
+}
+
 /// Everything under `definition`, built with an explicit stack (no recursion): the frames live
-/// on the heap, and [`check_xml_depth`] has already bounded their number.
-fn build_tree(definition: XmlNode<'_, '_>) -> Result<Node> {
+/// on the heap, and [`check_xml_depth`] has already bounded their number. Fails once the nodes'
+/// paths and attribute names add up to more than `budget` bytes.
+fn build_tree(definition: XmlNode<'_, '_>, budget: usize) -> Result<Node> {
     struct Frame<'a, 'i> {
         node: Node,
         /// The XML children still to build, with the attribute each hangs under.
@@ -365,11 +420,28 @@ fn build_tree(definition: XmlNode<'_, '_>) -> Result<Node> {
             terms,
         })
     };
-    let mut stack = vec![open(definition, None, "", &Rc::new(Terms::new()))?];
+    let mut spent = 0usize;
+    let mut charge = |frame: &Frame| {
+        spent += frame.node.path.len() + frame.node.attribute.as_ref().map_or(0, String::len);
+        if spent > budget {
+            return Err(Error::invalid(
+                "OPT too large",
+                format!(
+                    "the paths of the definition's nodes add up to more than {budget} bytes \
+                     (4 times the OPT's size plus 1 MiB): long names repeated in a deep tree"
+                ),
+            ));
+        }
+        Ok(())
+    };
+    let root = open(definition, None, "", &Rc::new(Terms::new()))?;
+    charge(&root)?;
+    let mut stack = vec![root];
     loop {
         let top = stack.last_mut().expect("the root frame is popped last");
         if let Some((attr, xml)) = top.pending.next() {
             let frame = open(xml, Some(attr), &top.node.path, &top.terms)?;
+            charge(&frame)?;
             stack.push(frame);
         } else {
             let done = stack.pop().expect("not empty").node;
@@ -534,5 +606,48 @@ mod tests {
         assert!(e.to_string().contains("malformed OPT"), "{e}");
         let unclosed = "<a>".repeat(200_000);
         assert!(TemplateTree::parse(&unclosed).is_err());
+    }
+
+    #[test]
+    fn attribute_and_namespace_limits() {
+        let tag = |n: usize, prefix: &str| {
+            (0..n)
+                .map(|i| format!(" {prefix}{i}='v'"))
+                .collect::<String>()
+        };
+        let max = MAX_ATTRIBUTES;
+        assert!(check_xml_depth(&format!("<a{}/>", tag(max, "x")), 4).is_ok());
+        let e = check_xml_depth(&format!("<a{}/>", tag(max + 1, "x")), 4).unwrap_err();
+        assert!(e.to_string().contains("malformed OPT"), "{e}");
+        // '=' inside quoted values is not an attribute.
+        assert!(check_xml_depth(&format!("<a x='{}'/>", "=".repeat(1000)), 4).is_ok());
+
+        // Namespaces: the element's own and its ancestors' count; closed elements' do not.
+        let ns = |n: usize| tag(n, "xmlns:p");
+        let m = MAX_NAMESPACES;
+        assert!(check_xml_depth(&format!("<a{}><b{}/></a>", ns(m - 1), ns(1)), 4).is_ok());
+        assert!(check_xml_depth(&format!("<a{}><b{}/></a>", ns(m - 1), ns(2)), 4).is_err());
+        let siblings = format!(
+            "<a{}>{}</a>",
+            ns(m / 2),
+            format!("<b{}/>", ns(m / 2)).repeat(50)
+        );
+        assert!(check_xml_depth(&siblings, 4).is_ok());
+        let nested = format!(
+            "<a{}><b{}></b><b{}></b></a>",
+            ns(m / 2),
+            ns(m / 2),
+            ns(m / 2)
+        );
+        assert!(check_xml_depth(&nested, 4).is_ok());
+        let chain = format!("{}{}", format!("<b{}>", ns(2)).repeat(m), "</b>".repeat(m));
+        assert!(check_xml_depth(&chain, 2 * m).is_err());
+        // Counted with or without whitespace before them, and the default namespace too.
+        let tight = format!("<a x='1'{}/>", "xmlns:q='u'".repeat(m + 1));
+        assert!(check_xml_depth(&tight, 4).is_err());
+        let default = format!("<a xmlns='u'>{}</a>", "<b xmlns='u'>".repeat(m));
+        assert!(check_xml_depth(&default, 2 * m).is_err());
+        // The fixture-like root (xmlns and xmlns:xsi) is fine.
+        assert!(TemplateTree::parse(&opt("<definition/>")).is_ok());
     }
 }

@@ -1,0 +1,1166 @@
+//! Hostile input: every decoder of untrusted bytes is total (any input gives a value or a typed
+//! error, never a panic) and bounded (memory and time stay proportional to the input, whatever it
+//! claims or nests or repeats).
+//!
+//! Decoders covered here: the cluster handshake (server side fed arbitrary bytes, `server_on_hello`
+//! and `client_on_welcome` fed arbitrary messages), `read_frame` with lying length headers, mutated
+//! envelopes and multicast announcements, NOTIFY payloads (`catchup::parse_payload`), the
+//! configuration values (`Ttl`, `CLUSTER_INITIAL_HOSTS`, every variable through
+//! `Config::from_sources`), OPT XML (`parse_opt`, `TemplateTree::parse`), FHIR Connect YAML and
+//! JSON (`parse_fc`, `parse_context`, `parse_model`), and what is compiled from them
+//! (`mapper::compile`, `helpers::build`). The plain "arbitrary bytes" properties of frames,
+//! envelopes, `Opener::open` and announcements live in `tests/cluster_wire.rs` and
+//! `src/cluster/discovery/multicast.rs`; the YAML alias budget is tested next to it in
+//! `src/domain/fhir_connect.rs`.
+//!
+//! Memory is measured by this binary's global allocator, per thread: the peak of live bytes and
+//! the largest single allocation made while a closure runs. It also aborts the test binary (rather
+//! than the machine) if one thread ever holds more than [`HARD_CAP`] bytes.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use openfhir_cache::catchup::{parse_payload, Notification};
+use openfhir_cache::cluster::discovery::multicast::{
+    decode_announcement, encode_announcement, MulticastSettings, MAX_ANNOUNCEMENT,
+};
+use openfhir_cache::cluster::{
+    accept, client_on_welcome, client_start, decode_frame, read_frame, server_on_hello,
+    server_on_proof, ClusterSecret, Envelope, Hello, Identity, Message, Nonce, Proof, Tag, Welcome,
+    WireError, MAGIC, MAX_FRAME, PROTOCOL,
+};
+use openfhir_cache::config::{parse_initial_hosts, Config, HostPort, Ttl, VARS};
+use openfhir_cache::domain::fc_model::{parse_context, parse_model, ModelDocument};
+use openfhir_cache::domain::helpers::{self, MAX_HELPERS, MAX_TREE_BYTES};
+use openfhir_cache::domain::mapper::compile;
+use openfhir_cache::domain::template::{
+    check_xml_depth, TemplateTree, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES,
+};
+use openfhir_cache::domain::{parse_fc, parse_opt, FcFormat, FcKind};
+use openfhir_cache::Error;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+
+// ---------------------------------------------------------------------------------------------
+// Measuring allocations
+
+/// One thread holding more than this is a runaway decoder: abort instead of exhausting the host.
+const HARD_CAP: isize = 3 << 30;
+
+struct Measuring;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn grew(by: isize, size: usize) -> bool {
+    let live = LIVE
+        .try_with(|l| {
+            let v = l.get() + by;
+            l.set(v);
+            v
+        })
+        .unwrap_or(0);
+    let _ = PEAK.try_with(|p| p.set(p.get().max(live)));
+    let _ = LARGEST.try_with(|m| m.set(m.get().max(size)));
+    live <= HARD_CAP
+}
+
+unsafe impl GlobalAlloc for Measuring {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if !grew(layout.size() as isize, layout.size()) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if !grew(layout.size() as isize, layout.size()) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = LIVE.try_with(|l| l.set(l.get() - layout.size() as isize));
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if !grew(new_size as isize - layout.size() as isize, new_size) {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Measuring = Measuring;
+
+/// What a closure allocated on this thread.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    /// Most bytes live at once, above what was live before.
+    peak: usize,
+    /// The largest single allocation (or reallocation).
+    largest: usize,
+    /// Wall time.
+    time: Duration,
+}
+
+fn measure<T>(f: impl FnOnce() -> T) -> (T, Usage) {
+    let base = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(base));
+    LARGEST.with(|m| m.set(0));
+    let start = Instant::now();
+    let out = f();
+    let time = start.elapsed();
+    let usage = Usage {
+        peak: (PEAK.with(Cell::get) - base).max(0) as usize,
+        largest: LARGEST.with(Cell::get),
+        time,
+    };
+    (out, usage)
+}
+
+#[test]
+fn the_meter_sees_allocations() {
+    let (v, u) = measure(|| vec![1u8; 1 << 20]);
+    assert_eq!(v.len(), 1 << 20);
+    assert!(u.peak >= 1 << 20 && u.largest >= 1 << 20, "{u:?}");
+    let (_, u) = measure(|| 1 + 1);
+    assert_eq!((u.peak, u.largest), (0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inputs: fixtures and mutations
+
+fn fixture(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+const YAML_FIXTURES: &[&str] = &[
+    "growth_chart.context.yml",
+    "height.model.yml",
+    "weight.model.yml",
+    "height.ext-add.yml",
+    "height.ext-append.yml",
+    "height.ext-overwrite.yml",
+    "device_details.model.yml",
+    "slots.context.yml",
+    "loop.context.yml",
+    "loop.model.yml",
+];
+
+/// Tokens worth inserting: structure, escapes, limits and the things parsers get wrong.
+const TOKENS: &[&str] = &[
+    "\0",
+    "\\u0000",
+    "\u{FFFD}",
+    "\u{10FFFF}",
+    "\r\n",
+    "\t",
+    "{",
+    "}",
+    "[",
+    "]",
+    ":",
+    ": ",
+    ",",
+    "\"",
+    "'",
+    "\\",
+    "- ",
+    "? ",
+    "---\n",
+    "...\n",
+    "&a ",
+    "*a",
+    "<<: *a\n",
+    "!!binary ",
+    "!<tag:x> ",
+    "%YAML 1.2\n",
+    "|\n",
+    ">-\n",
+    "#",
+    "null",
+    "~",
+    ".nan",
+    "-.inf",
+    "1e999999",
+    "-1",
+    "0",
+    "18446744073709551616",
+    "-9223372036854775809",
+    "340282366920938463463374607431768211456",
+    "0x7fffffffffffffffffff",
+    "99999999999999999999999999999999999999999999",
+    "<",
+    ">",
+    "/>",
+    "</a>",
+    "<a>",
+    "<!DOCTYPE t [<!ENTITY a \"aaaaaaaaaa\">]>",
+    "&a;",
+    "&#0;",
+    "&#x110000;",
+    "&amp;",
+    "<![CDATA[",
+    "]]>",
+    "<!--",
+    "-->",
+    "<?pi x?>",
+    " xmlns:p=\"urn:p\"",
+    " xsi:type=\"C_ARCHETYPE_ROOT\"",
+    "<children>",
+    "</children>",
+    "<attributes><rm_attribute_name>items</rm_attribute_name>",
+    "</attributes>",
+    "<node_id>at0001</node_id>",
+    "<lower>99999999999999999999</lower>",
+    "<upper>-1</upper>",
+    "<upper_unbounded>true</upper_unbounded>",
+];
+
+/// One edit of a byte string.
+#[derive(Debug, Clone)]
+enum Edit {
+    /// Overwrite one byte.
+    Set(Index, u8),
+    /// Remove up to `n` bytes.
+    Delete(Index, usize),
+    /// Repeat a slice of up to `n` bytes `k` times.
+    Repeat(Index, usize, usize),
+    /// Insert a token `k` times.
+    Token(Index, Index, usize),
+    /// Insert arbitrary bytes.
+    Bytes(Index, Vec<u8>),
+    /// Cut everything after.
+    Truncate(Index),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    prop_oneof![
+        (any::<Index>(), any::<u8>()).prop_map(|(i, b)| Edit::Set(i, b)),
+        (any::<Index>(), 1usize..64).prop_map(|(i, n)| Edit::Delete(i, n)),
+        (any::<Index>(), 1usize..64, 1usize..40).prop_map(|(i, n, k)| Edit::Repeat(i, n, k)),
+        (any::<Index>(), any::<Index>(), 1usize..4).prop_map(|(i, t, k)| Edit::Token(i, t, k)),
+        (
+            any::<Index>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
+            .prop_map(|(i, b)| Edit::Bytes(i, b)),
+        any::<Index>().prop_map(Edit::Truncate),
+    ]
+}
+
+fn edits() -> impl Strategy<Value = Vec<Edit>> {
+    proptest::collection::vec(edit(), 1..6)
+}
+
+fn apply(base: &[u8], edits: &[Edit]) -> Vec<u8> {
+    let mut v = base.to_vec();
+    for e in edits {
+        let at = |i: &Index, v: &Vec<u8>| i.index(v.len() + 1);
+        match e {
+            Edit::Set(i, b) if !v.is_empty() => {
+                let i = i.index(v.len());
+                v[i] = *b;
+            }
+            Edit::Set(..) => {}
+            Edit::Delete(i, n) => {
+                let i = at(i, &v);
+                let end = (i + n).min(v.len());
+                v.drain(i..end);
+            }
+            Edit::Repeat(i, n, k) => {
+                let i = at(i, &v);
+                let end = (i + n).min(v.len());
+                let piece = v[i..end].to_vec();
+                for _ in 0..*k {
+                    v.splice(end..end, piece.iter().copied());
+                }
+            }
+            Edit::Token(i, t, k) => {
+                let i = at(i, &v);
+                let token = TOKENS[t.index(TOKENS.len())].as_bytes().repeat(*k);
+                v.splice(i..i, token);
+            }
+            Edit::Bytes(i, b) => {
+                let i = at(i, &v);
+                v.splice(i..i, b.iter().copied());
+            }
+            Edit::Truncate(i) => {
+                let i = at(i, &v);
+                v.truncate(i);
+            }
+        }
+    }
+    v
+}
+
+fn apply_str(base: &str, edits: &[Edit]) -> String {
+    String::from_utf8_lossy(&apply(base.as_bytes(), edits)).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster: the handshake's server side and lying frame headers
+
+fn id(node: &str) -> Identity {
+    Identity::new("prod", node, format!("{node}.cluster:7800"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A valid Hello envelope from node `a` (to mutate).
+fn hello_json() -> Vec<u8> {
+    let (hello, _) = client_start(&id("a"), None);
+    Envelope::new("prod", Message::Hello(hello))
+        .encode()
+        .unwrap()
+}
+
+/// Feeds `input` (the whole client side of a connection, then EOF) to the server side of the
+/// handshake. Returns whether a session came up, the allocation usage of `accept`, and the server's
+/// replies decoded.
+fn accept_fed(input: &[u8], secret: Option<&str>) -> (bool, Usage, Vec<Message>) {
+    let rt = rt();
+    let secret = secret.and_then(ClusterSecret::new);
+    let (mut client, mut server) = tokio::io::duplex(MAX_FRAME * 4);
+    rt.block_on(async {
+        client.write_all(input).await.unwrap();
+        client.shutdown().await.unwrap();
+    });
+    let me = id("b");
+    let (res, usage) = measure(|| rt.block_on(accept(&mut server, &me, secret.as_ref())));
+    drop(server);
+    let mut replies = Vec::new();
+    rt.block_on(client.read_to_end(&mut replies)).unwrap();
+    let mut rest = &replies[..];
+    let mut msgs = Vec::new();
+    while !rest.is_empty() {
+        let (payload, r) = decode_frame(rest, MAX_FRAME).expect("the server sends whole frames");
+        msgs.push(
+            Envelope::decode(payload, "prod")
+                .expect("the server sends valid envelopes")
+                .body,
+        );
+        rest = r;
+    }
+    (res.is_ok(), usage, msgs)
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Yields `data`, then never anything again (a peer that sent a header and went quiet).
+struct ThenPending<'a>(&'a [u8]);
+
+impl AsyncRead for ThenPending<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.0.is_empty() {
+            return std::task::Poll::Pending;
+        }
+        let n = self.0.len().min(buf.remaining());
+        buf.put_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever length a header claims, `read_frame` allocates at most that length when it is
+    /// within the limit, and nothing for it otherwise; an over-long claim fails at once, without
+    /// waiting for a payload that will never come.
+    #[test]
+    fn read_frame_allocates_only_what_the_limit_allows(len in any::<u32>(), max in 1usize..=MAX_FRAME) {
+        let header = len.to_be_bytes();
+        let rt = rt();
+        if len as usize > max || len == 0 {
+            let (res, usage) = measure(|| rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), read_frame(&mut ThenPending(&header), max)).await
+            }));
+            let res = res.expect("an over-long or empty header fails without waiting");
+            prop_assert!(matches!(res, Err(WireError::TooLarge { .. } | WireError::Empty)), "{res:?}");
+            prop_assert!(usage.largest < 4096, "{usage:?}");
+        } else {
+            let mut r: &[u8] = &header;
+            let (res, usage) = measure(|| rt.block_on(read_frame(&mut r, max)));
+            prop_assert!(matches!(res, Err(WireError::Truncated)), "{res:?}");
+            prop_assert!(usage.largest <= (len as usize).max(4096), "{usage:?}");
+        }
+    }
+
+    /// The server side of the handshake fed arbitrary bytes (raw, or as one frame) never panics,
+    /// never comes up, allocates no more than one frame, and answers only with a Reject.
+    #[test]
+    fn accept_fed_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..2048), framed in any::<bool>(), keyed in any::<bool>()) {
+        let input = if framed { frame(&bytes) } else { bytes };
+        let (up, usage, replies) = accept_fed(&input, keyed.then_some("s3cret-s3cret-s3cret"));
+        prop_assert!(!up);
+        prop_assert!(usage.largest <= MAX_FRAME + 4096, "{usage:?}");
+        for r in &replies {
+            prop_assert!(matches!(r, Message::Reject(_)), "{r:?}");
+        }
+    }
+
+    /// A valid Hello with random edits: a typed refusal or (when the edits kept it valid) a
+    /// session; never a panic, never more than a frame's worth of allocation. With a secret the
+    /// client never proves it, so nothing comes up.
+    #[test]
+    fn accept_fed_mutated_hellos(edits in edits(), keyed in any::<bool>()) {
+        let payload = apply(&hello_json(), &edits);
+        let (up, usage, replies) = accept_fed(&frame(&payload), keyed.then_some("s3cret-s3cret-s3cret"));
+        prop_assert!(!(up && keyed));
+        prop_assert!(usage.largest <= MAX_FRAME + 4096, "{usage:?}");
+        for r in &replies {
+            prop_assert!(matches!(r, Message::Reject(_) | Message::Welcome(_)), "{r:?}");
+        }
+    }
+
+    /// `server_on_hello` with arbitrary field values (NUL, huge, non-ASCII, wrong magic and
+    /// protocol): a Welcome only for a Hello this node should accept; then `server_on_proof` with
+    /// an arbitrary proof never accepts a keyed session.
+    #[test]
+    fn server_on_hello_with_arbitrary_fields(
+        magic in prop_oneof![Just(MAGIC), any::<u32>()],
+        protocol in prop_oneof![Just(PROTOCOL), any::<u16>()],
+        cluster in prop_oneof![Just("prod".to_string()), "\\PC{0,12}", "[\0-\u{7f}]{0,8}"],
+        node_id in prop_oneof![Just("b".to_string()), "\\PC{0,12}", Just(String::new()), Just("x".repeat(100_000))],
+        version in prop_oneof![Just(env!("CARGO_PKG_VERSION").to_string()), "\\PC{0,12}"],
+        advertised_addr in "\\PC{0,40}",
+        nonce in any::<[u8; 32]>(),
+        proof in any::<[u8; 32]>(),
+        keyed in any::<bool>(),
+    ) {
+        let hello = Hello { magic, protocol, cluster: cluster.clone(), node_id: node_id.clone(), version: version.clone(), advertised_addr, nonce: Nonce(nonce) };
+        let secret = keyed.then(|| ClusterSecret::new("s3cret-s3cret-s3cret").unwrap());
+        let valid = magic == MAGIC && protocol == PROTOCOL && cluster == "prod"
+            && version == env!("CARGO_PKG_VERSION") && !node_id.is_empty() && node_id != "b";
+        match server_on_hello(&id("b"), secret.as_ref(), &hello) {
+            Ok((welcome, pending)) => {
+                prop_assert!(valid);
+                prop_assert_eq!(welcome.proof.is_some(), keyed);
+                let res = server_on_proof(pending, Some(&Proof { proof: Tag(proof) }));
+                prop_assert!(res.is_err(), "a random proof was accepted");
+            }
+            Err(reject) => {
+                prop_assert!(!valid, "{reject:?}");
+                // The refusal goes back to the peer: it must encode.
+                prop_assert!(Envelope::new("prod", Message::Reject(reject)).encode().is_ok());
+            }
+        }
+    }
+
+    /// The client's side, fed an arbitrary Welcome: never a panic; with a secret, a Welcome
+    /// without the right proof is refused.
+    #[test]
+    fn client_on_welcome_with_arbitrary_fields(
+        magic in prop_oneof![Just(MAGIC), any::<u32>()],
+        cluster in prop_oneof![Just("prod".to_string()), "\\PC{0,8}"],
+        node_id in prop_oneof![Just("b".to_string()), Just("a".to_string()), "\\PC{0,8}"],
+        nonce in any::<[u8; 32]>(),
+        proof in proptest::option::of(any::<[u8; 32]>()),
+        keyed in any::<bool>(),
+    ) {
+        let secret = keyed.then(|| ClusterSecret::new("s3cret-s3cret-s3cret").unwrap());
+        let (_, pending) = client_start(&id("a"), secret.as_ref());
+        let welcome = Welcome {
+            magic, protocol: PROTOCOL, cluster, node_id, version: env!("CARGO_PKG_VERSION").into(),
+            advertised_addr: "b:7800".into(), nonce: Nonce(nonce), proof: proof.map(Tag),
+        };
+        let res = client_on_welcome(pending, &welcome);
+        if keyed {
+            prop_assert!(res.is_err());
+        }
+    }
+
+    /// Envelopes with random edits decode to a message or a typed error.
+    #[test]
+    fn mutated_envelopes_give_typed_errors(edits in edits(), which in 0usize..3) {
+        let base = match which {
+            0 => hello_json(),
+            1 => br#"{"magic":1330004785,"protocol":1,"cluster":"prod","body":{"type":"invalidate","origin":"n1","seq":42,"log_position":9,"change":{"kind":"opt","tenant":"default","template_id":"growth_chart"}}}"#.to_vec(),
+            _ => br#"{"magic":1330004785,"protocol":1,"cluster":"prod","body":{"type":"heartbeat","origin":"n1","seq":18446744073709551615,"at_unix_ms":0}}"#.to_vec(),
+        };
+        let bytes = apply(&base, &edits);
+        let (res, usage) = measure(|| Envelope::decode(&bytes, "prod"));
+        if let Err(e) = &res {
+            prop_assert!(!e.to_string().is_empty());
+        }
+        prop_assert!(usage.peak <= 64 * bytes.len() + 65_536, "{usage:?}");
+    }
+
+    /// Announcements with random edits (insertions and deletions too, beyond the single-byte
+    /// changes tested in the module) are refused or decode to a usable peer.
+    #[test]
+    fn mutated_announcements_give_typed_errors(edits in edits(), keyed in any::<bool>()) {
+        let me = multicast_settings("b", keyed);
+        let bytes = apply(&encode_announcement(&multicast_settings("a", keyed)).unwrap(), &edits);
+        if let Ok(peer) = decode_announcement(&bytes, &me, "192.0.2.9:40000".parse().unwrap()) {
+            prop_assert!(bytes.len() <= MAX_ANNOUNCEMENT);
+            prop_assert!(peer.addr.port() != 0 && peer.node_id != "b");
+        }
+    }
+}
+
+fn multicast_settings(node: &str, keyed: bool) -> MulticastSettings {
+    MulticastSettings {
+        group: "239.255.78.0:45588".parse().unwrap(),
+        bind_addr: "127.0.0.2".parse().unwrap(),
+        cluster: "prod".into(),
+        node_id: node.into(),
+        version: "0.1.0".into(),
+        advertised: "127.0.0.2:7800".parse().unwrap(),
+        secret: keyed.then(|| ClusterSecret::new("s3cret-s3cret-s3cret").unwrap()),
+        interval: Duration::from_secs(1),
+    }
+}
+
+#[test]
+fn a_valid_hello_still_gets_a_welcome() {
+    // Positive control for `accept_fed`: the fixture Hello is accepted without a secret.
+    let (up, _, replies) = accept_fed(&frame(&hello_json()), None);
+    assert!(up);
+    assert!(matches!(replies[..], [Message::Welcome(_)]), "{replies:?}");
+}
+
+#[test]
+fn nested_and_huge_envelopes_are_typed_errors() {
+    let deep = format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+    assert!(matches!(
+        Envelope::decode(deep.as_bytes(), "prod"),
+        Err(WireError::Malformed(_))
+    ));
+    for huge in [
+        r#"{"magic":1e400,"protocol":1,"cluster":"prod"}"#,
+        r#"{"magic":4294967296,"protocol":1,"cluster":"prod"}"#,
+        r#"{"magic":1330004785,"protocol":65536,"cluster":"prod"}"#,
+        r#"{"magic":1330004785,"protocol":-1,"cluster":"prod"}"#,
+        r#"{"magic":1330004785,"protocol":1,"cluster":"prod","body":{"type":"heartbeat","origin":"a","seq":18446744073709551616,"at_unix_ms":0}}"#,
+        r#"{"magic":1330004785,"protocol":1,"cluster":"\u0000","body":{"type":"leave","origin":"\ud800"}}"#,
+    ] {
+        assert!(
+            matches!(
+                Envelope::decode(huge.as_bytes(), "prod"),
+                Err(WireError::Malformed(_) | WireError::WrongCluster { .. })
+            ),
+            "{huge}"
+        );
+    }
+    let invalid_utf8 = b"{\"magic\":1330004785,\"protocol\":1,\"cluster\":\"\xff\xfe\"}";
+    assert!(Envelope::decode(invalid_utf8, "prod").is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// NOTIFY payloads
+
+const PAYLOAD: &str =
+    r#"{"p":7,"x":"812","g":"opt","t":"default","k":"growth_chart","o":"UPDATE","n":"node-1"}"#;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn payloads_never_panic(s in "\\PC{0,200}") {
+        let _ = parse_payload(&s);
+    }
+
+    /// A valid payload with random edits: a row whose fields are what the triggers may send, a
+    /// read-the-log marker, or an error; and the row's change is always computable.
+    #[test]
+    fn mutated_payloads_give_rows_or_errors(edits in edits()) {
+        let s = apply_str(PAYLOAD, &edits);
+        match parse_payload(&s) {
+            Ok(Notification::Row(row)) => {
+                prop_assert!(matches!(row.operation.as_str(), "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE"));
+                let _ = row.change();
+            }
+            Ok(Notification::ReadLog(_)) => {}
+            Err(e) => prop_assert!(!e.is_empty()),
+        }
+    }
+
+    /// Any field values the JSON can carry.
+    #[test]
+    fn payload_fields_of_any_value(
+        p in prop_oneof![any::<i64>().prop_map(|n| n.to_string()), Just("1e400".to_string()), Just("9223372036854775808".to_string()), Just("-0".to_string()), Just("\"7\"".to_string())],
+        x in prop_oneof![any::<u64>().prop_map(|n| n.to_string()), "\\PC{0,25}", Just("18446744073709551616".into()), Just(" 1".into()), Just("+1".into())],
+        g in "\\PC{0,12}",
+        t in proptest::option::of("\\PC{0,12}"),
+        k in proptest::option::of("\\PC{0,12}"),
+        o in prop_oneof![Just("INSERT".to_string()), Just("DELETE".to_string()), Just("TRUNCATE".to_string()), "\\PC{0,8}"],
+        truncated in any::<bool>(),
+    ) {
+        let v = serde_json::json!({"x": x, "g": g, "t": t, "k": k, "o": o, "truncated": truncated});
+        let mut s = serde_json::to_string(&v).unwrap();
+        s.insert_str(1, &format!("\"p\":{p},"));
+        match parse_payload(&s) {
+            Ok(Notification::Row(row)) => {
+                prop_assert_eq!(x.parse::<u64>(), Ok(row.xid));
+                prop_assert_eq!(&row.operation, &o);
+                prop_assert!(!truncated);
+                let _ = row.change();
+            }
+            Ok(Notification::ReadLog(pos)) => prop_assert!(truncated && p.parse::<i64>() == Ok(pos)),
+            Err(_) => {}
+        }
+    }
+}
+
+#[test]
+fn oversized_and_nested_payloads_are_refused_cheaply() {
+    // Over NOTIFY's 8000 bytes: refused before parsing, without copying it.
+    let big = format!("{{\"p\":1,\"x\":\"1\",\"g\":\"{}\"}}", "g".repeat(1 << 20));
+    let (res, usage) = measure(|| parse_payload(&big));
+    assert!(res.is_err());
+    assert!(usage.largest < 4096, "{usage:?}");
+    // Nesting beyond serde_json's recursion limit, within 8000 bytes: an error, not a crash.
+    let deep = format!("{{\"p\":{}{}}}", "[".repeat(3990), "]".repeat(3990));
+    assert!(parse_payload(&deep).is_err());
+    let nul = r#"{"p":1,"x":"1","g":"opt\u0000","t":"\u0000","k":"\u0000","o":"DELETE"}"#;
+    assert!(parse_payload(nul).is_ok());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration values
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A TTL parses to a value that prints as it reads back, or to an error.
+    #[test]
+    fn ttl_never_panics_and_round_trips(s in prop_oneof!["\\PC{0,30}", "[ \t]*-?[0-9]{1,40}[ \t]*"]) {
+        if let Ok(t) = Ttl::from_str(&s) {
+            prop_assert_eq!(Ttl::from_str(&t.to_string()), Ok(t));
+            prop_assert!(t.as_i64() >= -1);
+        }
+    }
+
+    /// `CLUSTER_INITIAL_HOSTS`: arbitrary text, and structured lists with mutations, parse to
+    /// entries that print and read back the same, or to an error.
+    #[test]
+    fn initial_hosts_never_panic_and_round_trip(
+        s in prop_oneof![
+            "\\PC{0,80}",
+            "([a-z0-9.\\-]{0,12}|\\[[0-9a-f:]{0,20}\\]|[0-9.]{1,15})\\[[0-9]{0,6}\\](,[ ]?([a-z0-9.\\-]{0,12}|\\[[0-9a-f:]{0,20}\\])\\[[0-9]{0,6}\\]){0,4},?",
+        ],
+    ) {
+        if let Ok(hosts) = parse_initial_hosts(&s) {
+            for h in hosts {
+                let again: HostPort = h.to_string().parse().unwrap();
+                prop_assert_eq!(again, h.clone());
+                prop_assert!(h.port > 0);
+            }
+        }
+    }
+
+    /// Every variable set to arbitrary text at once: a configuration or a `ConfigError`; and a
+    /// refused secret never appears in the error.
+    #[test]
+    fn any_environment_gives_a_config_or_an_error(
+        values in proptest::collection::vec(prop_oneof!["\\PC{0,24}", "[0-9]{1,30}", Just(String::new())], VARS.len()),
+        secret in "[a-zA-Z0-9]{6,15}",
+    ) {
+        let mut env: HashMap<&str, String> = VARS.iter().map(|v| v.env).zip(values).collect();
+        env.insert("CLUSTER_SECRET", secret.clone());
+        if let Err(e) = Config::from_sources(None, |k| env.get(k).cloned()) {
+            prop_assert!(!e.to_string().contains(&secret), "{e}");
+        }
+    }
+}
+
+#[test]
+fn huge_initial_hosts_parse_in_linear_time() {
+    // 200,000 entries (3.4 MB): a quadratic parser would need minutes.
+    let entries = 200_000;
+    let list = "10.0.0.1[7800], node-1.cluster[7801],".repeat(entries / 2);
+    let (res, usage) = measure(|| parse_initial_hosts(&list));
+    assert_eq!(res.unwrap().len(), entries);
+    assert!(usage.time < Duration::from_secs(10), "{usage:?}");
+    // One huge malformed entry, one huge host name, brackets everywhere: errors, fast.
+    for bad in [
+        "[".repeat(1 << 20),
+        format!("{}[7800]", "a".repeat(1 << 20)),
+        format!("{}]", "[[".repeat(1 << 19)),
+        format!("{}[{}]", "a.".repeat(1 << 19), "9".repeat(1 << 10)),
+    ] {
+        let (res, usage) = measure(|| parse_initial_hosts(&bad));
+        assert!(res.is_err());
+        assert!(usage.time < Duration::from_secs(5), "{usage:?}");
+        assert!(usage.peak < 16 * bad.len(), "{usage:?}");
+    }
+    let (res, usage) = measure(|| Ttl::from_str(&"9".repeat(1 << 20)));
+    assert!(res.is_err());
+    assert!(usage.time < Duration::from_secs(5), "{usage:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// OPT XML
+
+fn opt_fixture() -> String {
+    fixture("growth_chart.opt")
+}
+
+/// Structural invariants of a parsed tree.
+fn check_tree(t: &TemplateTree) -> Result<(), TestCaseError> {
+    prop_assert_eq!(t.len(), t.iter().count());
+    prop_assert_eq!(t.find("/").map(|n| n.path.as_str()), Some("/"));
+    for n in t.iter() {
+        prop_assert_eq!(t.find(&n.path).map(|f| &f.path), Some(&n.path));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn xml_decoders_never_panic(s in "\\PC{0,300}") {
+        let _ = parse_opt(&s);
+        let _ = TemplateTree::parse(&s);
+        let _ = check_xml_depth(&s, 4);
+    }
+
+    #[test]
+    fn xml_like_text_never_panics(s in "(<[a-z_:]{1,6}( [a-z:]{1,5}=(\"[^\"<]{0,5}\"|'[^'<]{0,5}'))*/?>|</[a-z_]{1,6}>|[a-z &;]{0,5}|<!--|-->|<!\\[CDATA\\[|\\]\\]>|<\\?|\\?>){0,40}") {
+        let _ = parse_opt(&s);
+        if let Ok(t) = TemplateTree::parse(&s) {
+            check_tree(&t)?;
+        }
+    }
+
+    /// The fixture OPT with random edits: a tree that holds together, or a typed error.
+    #[test]
+    fn mutated_opts_give_trees_or_typed_errors(edits in edits()) {
+        let xml = apply_str(&opt_fixture(), &edits);
+        let (res, usage) = measure(|| TemplateTree::parse(&xml));
+        match res {
+            Ok(t) => check_tree(&t)?,
+            Err(Error::Invalid { message, details }) => prop_assert!(!message.is_empty() && !details.is_empty()),
+            Err(other) => prop_assert!(false, "not a typed refusal: {other:?}"),
+        }
+        prop_assert!(usage.peak <= 64 * xml.len() + (1 << 20), "{usage:?}");
+        let _ = parse_opt(&xml);
+    }
+}
+
+#[test]
+fn xml_entities_and_doctypes_are_refused() {
+    let laughs = format!(
+        "<?xml version=\"1.0\"?><!DOCTYPE template [<!ENTITY a \"{}\">{}]><template><template_id><value>&j;</value></template_id><definition/></template>",
+        "a".repeat(100),
+        (b'b'..=b'j')
+            .map(|c| format!("<!ENTITY {} \"{}\">", c as char, format!("&{};", (c - 1) as char).repeat(10)))
+            .collect::<String>()
+    );
+    let xxe = "<?xml version=\"1.0\"?><!DOCTYPE t [<!ENTITY x SYSTEM \"file:///etc/passwd\">]><template><template_id><value>&x;</value></template_id><definition/></template>";
+    for doc in [laughs.as_str(), xxe] {
+        let (res, usage) = measure(|| TemplateTree::parse(doc));
+        assert!(res.is_err());
+        assert!(parse_opt(doc).is_err());
+        assert!(usage.peak < 1 << 20, "{usage:?}");
+    }
+}
+
+/// A template whose definition is `body`.
+fn opt_with(definition: &str) -> String {
+    format!(
+        r#"<template xmlns="http://schemas.openehr.org/v1" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><template_id><value>T</value></template_id><definition>{definition}</definition></template>"#
+    )
+}
+
+#[test]
+fn deep_nesting_is_refused_without_overflowing_the_stack() {
+    // Just within the depth limit works; just beyond is refused; far beyond too (and fast).
+    let levels = (MAX_DEPTH - 3) / 2;
+    let mut def = String::new();
+    for _ in 0..levels {
+        def.push_str("<attributes><rm_attribute_name>a</rm_attribute_name><children>");
+    }
+    def.push_str(&"</children></attributes>".repeat(levels));
+    let t = TemplateTree::parse(&opt_with(&def)).unwrap();
+    assert_eq!(t.len(), levels + 1);
+    for extra in [1, 1_000_000] {
+        let deep = format!("<template>{}", "<a>".repeat(MAX_DEPTH + extra));
+        let (res, usage) = measure(|| TemplateTree::parse(&deep));
+        assert!(res.is_err());
+        assert!(usage.peak < 4096, "{usage:?}");
+    }
+}
+
+/// Regression: each node's path repeats its parent's, so one long attribute name over many
+/// children made 84 KB of OPT allocate 320 MB (quadratic). Now the paths are budgeted.
+#[test]
+fn long_paths_repeated_in_many_children_are_bounded() {
+    for n in [1000usize, 4000] {
+        let def = format!(
+            "<attributes><rm_attribute_name>{}</rm_attribute_name>{}</attributes>",
+            "x".repeat(n * 10),
+            "<children/>".repeat(n)
+        );
+        let xml = opt_with(&def);
+        let (res, usage) = measure(|| TemplateTree::parse(&xml));
+        assert!(
+            usage.peak < 16 * xml.len() + (8 << 20),
+            "n={n}: {} bytes of OPT, peak {usage:?}",
+            xml.len()
+        );
+        if n == 4000 {
+            let e = res.unwrap_err();
+            assert!(e.to_string().contains("OPT too large"), "{e}");
+        }
+    }
+    // The same with long names nested as deep as allowed.
+    let levels = (MAX_DEPTH - 3) / 2;
+    let mut def = String::new();
+    for i in 0..levels {
+        def.push_str(&format!(
+            "<attributes><rm_attribute_name>{}</rm_attribute_name><children><node_id>at{i}</node_id>",
+            "y".repeat(4000)
+        ));
+    }
+    def.push_str(&"</children></attributes>".repeat(levels));
+    let xml = opt_with(&def);
+    let (res, usage) = measure(|| TemplateTree::parse(&xml));
+    assert!(res.is_err());
+    assert!(usage.peak < 16 * xml.len() + (8 << 20), "{usage:?}");
+    // Real OPTs are nowhere near the budget.
+    let real = opt_fixture();
+    let t = TemplateTree::parse(&real).unwrap();
+    let paths: usize = t.iter().map(|n| n.path.len()).sum();
+    assert!(paths < real.len(), "{paths} bytes of paths");
+}
+
+/// Regression: roxmltree copies and compares every namespace in scope at each element that
+/// declares one (60 KB of declarations took 12 s in release, growing as the cube), and compares
+/// each attribute of a tag with the earlier ones (quadratic per tag).
+#[test]
+fn namespace_and_attribute_floods_are_refused_fast() {
+    let n = 2000;
+    let mut ns = String::from("<template");
+    for i in 0..n {
+        ns.push_str(&format!(" xmlns:p{i}=\"u\""));
+    }
+    ns.push('>');
+    ns.push_str(&"<a xmlns:q=\"v\"/>".repeat(n));
+    ns.push_str("</template>");
+    let mut nested = String::new();
+    for i in 0..n {
+        nested.push_str(&format!("<a xmlns:p{i}=\"u\">"));
+    }
+    let mut attrs = String::from("<template");
+    for i in 0..20_000 {
+        attrs.push_str(&format!(" a{i}=\"\""));
+    }
+    attrs.push_str("/>");
+    for doc in [&ns, &nested, &attrs] {
+        type Parse = fn(&str) -> Result<(), Error>;
+        let parsers: [Parse; 2] = [
+            |d| parse_opt(d).map(drop),
+            |d| TemplateTree::parse(d).map(drop),
+        ];
+        for parse in parsers {
+            let (res, usage) = measure(|| parse(doc));
+            let e = res.unwrap_err();
+            assert!(e.to_string().contains("malformed OPT"), "{e}");
+            assert!(usage.time < Duration::from_secs(2), "{usage:?}");
+            assert!(usage.peak < 1 << 20, "{usage:?}");
+        }
+    }
+    // At the limits, a large document still parses in linear time: elements with the most
+    // attributes, and a chain declaring the most namespaces, repeated to 2 MB.
+    let tag = format!(
+        "<e{}/>",
+        (0..MAX_ATTRIBUTES)
+            .map(|i| format!(" a{i}=''"))
+            .collect::<String>()
+    );
+    let chain_len = MAX_NAMESPACES - 2;
+    let chain = format!(
+        "{}{}",
+        (0..chain_len)
+            .map(|i| format!("<c xmlns:q{i}='v'>"))
+            .collect::<String>(),
+        "</c>".repeat(chain_len)
+    );
+    for unit in [&tag, &chain] {
+        let doc = opt_with(&unit.repeat((2 << 20) / unit.len()));
+        let (res, usage) = measure(|| parse_opt(&doc));
+        assert!(res.is_ok(), "{res:?}");
+        assert!(usage.time < Duration::from_secs(20), "{usage:?}");
+        assert!(usage.peak < 64 * doc.len(), "{usage:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FHIR Connect YAML and JSON
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn fc_decoders_never_panic_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        for format in [FcFormat::Yaml, FcFormat::Json] {
+            for kind in [FcKind::Context, FcKind::Model] {
+                let _ = parse_fc(&bytes, format, kind);
+            }
+        }
+        if let Ok(s) = std::str::from_utf8(&bytes) {
+            for format in [FcFormat::Yaml, FcFormat::Json] {
+                let _ = parse_context(s, format);
+                let _ = parse_model(s, format);
+            }
+        }
+    }
+
+    #[test]
+    fn yaml_like_text_never_panics(s in "([a-zA-Z]{1,5}: |- |  |\n|\\{|\\}|\\[|\\]|, |&a |\\*a|!!str |[0-9]{1,3}|'[^']{0,4}'|\"[^\"\\\\]{0,4}\"|\\? |---\n|~){0,60}") {
+        for kind in [FcKind::Context, FcKind::Model] {
+            let _ = parse_fc(s.as_bytes(), FcFormat::Yaml, kind);
+        }
+        let _ = parse_context(&s, FcFormat::Yaml);
+        let _ = parse_model(&s, FcFormat::Yaml);
+    }
+
+    /// The fixtures with random edits: a document or a typed error (never a panic), with memory
+    /// proportional to the text; a document parse_fc accepts has the key it was validated with.
+    #[test]
+    fn mutated_fc_documents_give_documents_or_typed_errors(which in any::<Index>(), edits in edits(), json in any::<bool>()) {
+        let name = YAML_FIXTURES[which.index(YAML_FIXTURES.len())];
+        let yaml = fixture(name);
+        let (base, format) = if json {
+            let v: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
+            (serde_json::to_string_pretty(&v).unwrap(), FcFormat::Json)
+        } else {
+            (yaml, FcFormat::Yaml)
+        };
+        let bytes = apply(base.as_bytes(), &edits);
+        let text = String::from_utf8_lossy(&bytes);
+        let (_, usage) = measure(|| {
+            for kind in [FcKind::Context, FcKind::Model] {
+                match parse_fc(&bytes, format, kind) {
+                    Ok(p) => assert!(p.json.is_object() && !p.key.trim().is_empty()),
+                    Err(Error::Invalid { .. }) => {}
+                    Err(other) => panic!("not a typed refusal: {other:?}"),
+                }
+            }
+            for res in [parse_context(&text, format).map(drop), parse_model(&text, format).map(drop)] {
+                match res {
+                    Ok(()) | Err(Error::Invalid { .. }) => {}
+                    Err(other) => panic!("not a typed refusal: {other:?}"),
+                }
+            }
+        });
+        prop_assert!(usage.peak <= 2048 * bytes.len() + (1 << 20), "{usage:?}");
+    }
+
+    /// Compiling mutated models and building their helpers against the fixture template never
+    /// panics.
+    #[test]
+    fn compile_and_helpers_never_panic_on_mutated_models(
+        edits in proptest::collection::vec(edits(), 6),
+    ) {
+        let names = ["height.model.yml", "weight.model.yml", "height.ext-add.yml", "height.ext-append.yml", "height.ext-overwrite.yml", "growth_chart.context.yml"];
+        let mut models = BTreeMap::new();
+        for (name, e) in names[..5].iter().zip(&edits) {
+            if let Ok(m) = parse_model(&apply_str(&fixture(name), e), FcFormat::Yaml) {
+                if let Some(n) = m.name() {
+                    models.insert(n.to_string(), m);
+                }
+            }
+        }
+        let Ok(ctx) = parse_context(&apply_str(&fixture(names[5]), &edits[5]), FcFormat::Yaml) else {
+            return Ok(());
+        };
+        if let Ok(index) = compile(&ctx, &models, true) {
+            let tree = helpers::build(&index, &TemplateTree::parse(&opt_fixture()).unwrap());
+            prop_assert!(tree.iter().count() <= MAX_HELPERS + 1);
+        }
+    }
+}
+
+#[test]
+fn deep_yaml_and_json_are_errors_not_stack_overflows() {
+    // Far beyond the parsers' recursion limits (128), kept small because of the quadratic scan
+    // below.
+    let n = 2_000;
+    let docs = [
+        (format!("a: {}", "[".repeat(n)), FcFormat::Yaml),
+        (format!("a: {}", "{a: ".repeat(n)), FcFormat::Yaml),
+        (
+            (0..2000)
+                .map(|i| format!("{}- \n", " ".repeat(i)))
+                .collect::<String>(),
+            FcFormat::Yaml,
+        ),
+        (
+            (0..2000)
+                .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+                .collect::<String>(),
+            FcFormat::Yaml,
+        ),
+        (
+            format!("{{\"a\":{}{}}}", "[".repeat(n), "]".repeat(n)),
+            FcFormat::Json,
+        ),
+    ];
+    for (doc, format) in &docs {
+        let (res, usage) = measure(|| {
+            (
+                parse_fc(doc.as_bytes(), *format, FcKind::Model).map(drop),
+                parse_model(doc, *format).map(drop),
+            )
+        });
+        assert!(res.0.is_err() && res.1.is_err());
+        assert!(usage.peak < 256 * doc.len() + (1 << 20), "{usage:?}");
+    }
+}
+
+/// Known, not fixed (see the report): unsafe-libyaml-norway's scanner walks its whole
+/// simple-key stack, one entry per open flow collection, for every token, so deeply nested flow
+/// collections cost time quadratic in the depth before the recursion limit refuses them. In a
+/// release build 80 KB of `[` took 10 s and 80 KB of `{a: ` 27 s, per parse (a FHIR Connect
+/// upload is parsed twice). Run with `--ignored` to see it; it fails while the cost is quadratic.
+#[test]
+#[ignore = "known quadratic time in the YAML scanner; takes about a minute in a debug build"]
+fn deeply_nested_flow_yaml_is_refused_in_linear_time() {
+    let time = |n: usize| {
+        let doc = format!("a: {}", "{a: ".repeat(n));
+        let (res, usage) = measure(|| parse_fc(doc.as_bytes(), FcFormat::Yaml, FcKind::Model));
+        assert!(res.is_err());
+        usage.time
+    };
+    let (small, large) = (time(5_000), time(20_000));
+    assert!(
+        large < small * 8,
+        "4 times the depth took {:.1}x the time ({small:?} -> {large:?})",
+        large.as_secs_f64() / small.as_secs_f64()
+    );
+}
+
+/// A model whose `b` list repeats an alias of an `n`-element anchor `n` times.
+fn alias_square(n: usize) -> String {
+    format!(
+        "type: model\nmetadata: {{name: m}}\nspec: {{openEhrConfig: {{archetype: a}}}}\na: &a [{}1]\nb: [{}*a]\n",
+        "1,".repeat(n),
+        "*a,".repeat(n)
+    )
+}
+
+/// Regression: serde_norway's alias limit (100 alias uses per event) stops only exponential
+/// nesting; `n` aliases of an `n`-element anchor made 10 KB of YAML allocate 260 MB. Now alias
+/// expansion is budgeted to twice the text.
+#[test]
+fn yaml_alias_bombs_are_refused() {
+    let laughs = "type: model\na: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]\ni: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]\n".to_string();
+    let long_string = format!(
+        "type: model\na: &a \"{}\"\nb: [{}*a]\n",
+        "s".repeat(100_000),
+        "*a,".repeat(10_000)
+    );
+    for doc in [laughs, alias_square(2000), long_string] {
+        let (res, usage) = measure(|| {
+            (
+                parse_fc(doc.as_bytes(), FcFormat::Yaml, FcKind::Model),
+                parse_model(&doc, FcFormat::Yaml).map(drop),
+            )
+        });
+        let e = res.0.unwrap_err();
+        assert!(e.to_string().contains("malformed YAML"), "{e}");
+        assert!(format!("{e:?}").contains("aliases"), "{e:?}");
+        assert!(res.1.is_err());
+        assert!(usage.peak < 256 * doc.len() + (1 << 20), "{usage:?}");
+        assert!(usage.time < Duration::from_secs(5), "{usage:?}");
+    }
+    // Aliases used with restraint still work.
+    let fine = "type: model\nmetadata: {name: m}\nspec: {openEhrConfig: {archetype: &arch openEHR-EHR-OBSERVATION.x.v1}}\nx-same: *arch\nmappings:\n  - &m {name: a, with: {fhir: f}}\n";
+    let m = parse_model(fine, FcFormat::Yaml).unwrap();
+    assert_eq!(m.extra["x-same"], "openEHR-EHR-OBSERVATION.x.v1");
+    assert!(parse_fc(fine.as_bytes(), FcFormat::Yaml, FcKind::Model).is_ok());
+}
+
+/// Flat lists cost memory in proportion to the text (not more): each `{}` mapping (3 bytes)
+/// becomes a typed `Mapping` of several hundred bytes plus its two validation errors, so the
+/// factor is large but constant. (Found here; see the report: a 16 MiB upload of `{}` mappings
+/// peaks at several GB.)
+#[test]
+fn typed_models_cost_memory_linear_in_the_text() {
+    let flat = |n: usize| {
+        format!(
+            "type: model\nmetadata: {{name: m}}\nspec: {{openEhrConfig: {{archetype: a}}}}\nmappings: [{}{{}}]\n",
+            "{},".repeat(n)
+        )
+    };
+    let peak = |doc: &str| {
+        measure(|| parse_model(doc, FcFormat::Yaml).map(drop))
+            .1
+            .peak
+    };
+    let (small, large) = (peak(&flat(2_000)), peak(&flat(8_000)));
+    assert!(large < 6 * small, "{small} -> {large}: not linear");
+    assert!(
+        large < 1024 * flat(8_000).len(),
+        "{large} bytes for {}",
+        flat(8_000).len()
+    );
+    eprintln!(
+        "typed model: {} bytes of YAML peak at {large} bytes ({}x)",
+        flat(8_000).len(),
+        large / flat(8_000).len()
+    );
+}
+
+/// Regression: a helper's openEHR path repeats its parent's, so one 100 KB path over 2,000
+/// children made a 160 KB model build a 600 MB helper tree (MAX_HELPERS did not stop leaf
+/// children). Now the tree's strings are budgeted.
+#[test]
+fn helper_trees_are_bounded_in_bytes() {
+    let tree = TemplateTree::parse(&opt_fixture()).unwrap();
+    let ctx = parse_context(
+        "type: context\ncontext: {template: {id: Growth chart}, archetypes: [OBSERVATION.height.v2], start: OBSERVATION.height.v2}\n",
+        FcFormat::Yaml,
+    )
+    .unwrap();
+    let n = 2_000;
+    let model = format!(
+        "type: model\nmetadata: {{name: OBSERVATION.height.v2}}\nspec: {{openEhrConfig: {{archetype: openEHR-EHR-OBSERVATION.height.v2}}}}\nmappings:\n  - name: a\n    with: {{openehr: \"$archetype/{}\"}}\n    followedBy:\n      mappings: [{}]\n",
+        "p".repeat(100_000),
+        "{name: b, with: {openehr: x}},".repeat(n)
+    );
+    let models: BTreeMap<String, ModelDocument> = [(
+        "OBSERVATION.height.v2".to_string(),
+        parse_model(&model, FcFormat::Yaml).unwrap(),
+    )]
+    .into();
+    let index = compile(&ctx, &models, true).unwrap();
+    let (t, usage) = measure(|| helpers::build(&index, &tree));
+    assert!(usage.peak < 3 * MAX_TREE_BYTES, "{usage:?}");
+    assert!(t.iter().count() < n, "the budget stopped the expansion");
+    assert!(t.unresolved.iter().any(|u| u.starts_with("limit: ")));
+}
