@@ -453,11 +453,13 @@ impl Invalidator {
             .query_one(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, \
                         (SELECT xid::text FROM openfhir_invalidation_horizon), \
-                        (SELECT coalesce(max(position), 0) FROM openfhir_invalidation_log)",
+                        (SELECT coalesce(max(position), 0) FROM openfhir_invalidation_log), \
+                        pg_snapshot_xmax(pg_current_snapshot())::text",
                 &[],
             )
             .await?;
         let xmin = xid_of(&head, 0)?;
+        let xmax = xid_of(&head, 3)?;
         let horizon: Option<String> = head.get(1);
         let horizon = horizon.and_then(|h| h.parse::<u64>().ok()).unwrap_or(0);
         self.stats
@@ -465,9 +467,20 @@ impl Invalidator {
             .store(head.get::<_, i64>(2).max(0) as u64, Ordering::Relaxed);
 
         let mut report = StepReport::default();
+        let mut rewound = None;
         let from = {
             let mut c = self.cursor();
             match c.watermark() {
+                // The server hands out transaction ids below ones this node has seen: it lost
+                // commits (a crash with synchronous_commit=off, a failover to an async standby, a
+                // restore). Changes under reused ids would sit below the watermark and never be
+                // applied, so nothing cached can be trusted.
+                Some(w) if xmax < w => {
+                    rewound = Some(w);
+                    c.reset(xmin);
+                    report.flushed = true;
+                    xmin
+                }
                 None => {
                     // First step without `init`: entries may have been loaded before any
                     // watermark existed, so they cannot be trusted. Start from the snapshot, flush.
@@ -485,11 +498,19 @@ impl Invalidator {
         };
         if report.flushed {
             self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                horizon,
-                "this node's invalidation cursor is older than the log's retention horizon: \
-                 flushing every cache rather than trusting them"
-            );
+            match rewound {
+                Some(watermark) => tracing::warn!(
+                    watermark,
+                    next_xid = xmax,
+                    "the database's transaction ids went backwards (lost commits, failover or \
+                     restore): flushing every cache rather than trusting them"
+                ),
+                None => tracing::warn!(
+                    horizon,
+                    "this node's invalidation cursor is older than the log's retention horizon: \
+                     flushing every cache rather than trusting them"
+                ),
+            }
             node.apply(&Change::Evict {
                 group: None,
                 tenant: None,
