@@ -1,4 +1,4 @@
-//! Command line: `serve`, `migrate`, `config`.
+//! Command line: `serve`, `migrate`, `config`, `health`, `bench`.
 
 use std::path::PathBuf;
 
@@ -38,4 +38,41 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         url: Option<String>,
     },
+    /// Benchmark this cache against the alternatives (TTL 0, NOTIFY, catch-up, Redis pub/sub)
+    /// on this machine's PostgreSQL; writes a report directory (JSON, Markdown, SVG charts).
+    Bench(BenchArgs),
+}
+
+/// Options of `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// The short run (about a minute) instead of the full one (under ten minutes).
+    #[arg(long)]
+    pub quick: bool,
+
+    /// Run only this scenario (repeatable): read, cold-start, propagation, scale, write, catchup.
+    #[arg(long = "scenario", value_name = "NAME", value_enum)]
+    pub scenarios: Vec<crate::bench::Scenario>,
+
+    /// Report directory (report.json, report.md and the SVG charts).
+    #[arg(long, value_name = "DIR", default_value = "target/bench-report")]
+    pub out: PathBuf,
+
+    /// PostgreSQL server to use. Default: the configured DATABASE_URL. A throwaway database
+    /// `openfhir_bench_<pid>` is created there and dropped at the end (also on Ctrl-C).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// Run in the database of the URL itself instead of a throwaway one (in a tenant of its own,
+    /// removed at the end); for roles without CREATEDB.
+    #[arg(long)]
+    pub in_place: bool,
+
+    /// Redis server of the pub/sub baseline (skipped with a note when unreachable).
+    #[arg(long, value_name = "URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Skip the Redis pub/sub baseline.
+    #[arg(long)]
+    pub no_redis: bool,
 }

@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod app;
+pub mod bench;
 pub mod cache;
 pub mod catchup;
 pub mod cli;

@@ -28,7 +28,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    init_tracing(config.log.format);
+    // The benchmark starts dozens of nodes in this process: only their errors are of interest.
+    let default_filter = match cli.command {
+        Command::Bench(_) => "error",
+        _ => "info",
+    };
+    init_tracing(config.log.format, default_filter);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -40,7 +45,16 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            let interrupted = matches!(
+                e.downcast_ref::<openfhir_cache::bench::BenchError>(),
+                Some(openfhir_cache::bench::BenchError::Interrupted)
+            );
+            if interrupted {
+                // 128 + SIGINT, as shells report an interrupted command.
+                ExitCode::from(130)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -79,14 +93,30 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             println!("{addr}/health/live: live");
         }
+        Command::Bench(args) => {
+            let opts = openfhir_cache::bench::BenchOptions {
+                quick: args.quick,
+                scenarios: args.scenarios,
+                out: args.out.clone(),
+                database_url: args
+                    .database_url
+                    .unwrap_or_else(|| config.database.url.expose().to_string()),
+                in_place: args.in_place,
+                redis_url: (!args.no_redis).then_some(args.redis_url),
+            };
+            let report = openfhir_cache::bench::run(opts).await?;
+            println!("{}", report.targets_table());
+            println!("report: {}", args.out.display());
+        }
         Command::Config => unreachable!("handled before the runtime starts"),
     }
     Ok(())
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
