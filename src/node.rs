@@ -12,7 +12,7 @@ use crate::catchup::{Invalidator, StepReport};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::domain::{
-    self, normalize_template_id, parse_fc, FcDocument, FcFormat, OptDocument, Tenant,
+    self, normalize_template_id, parse_fc, FcDocument, FcFormat, FcList, OptDocument, Tenant,
 };
 use crate::error::{Error, Result};
 use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
@@ -330,13 +330,16 @@ impl Node {
     }
 
     /// Every context of the tenant (cached as one entry).
-    pub async fn contexts(&self, tenant: &str) -> Result<Arc<Vec<Arc<FcDocument>>>> {
+    pub async fn contexts(&self, tenant: &str) -> Result<Arc<FcList>> {
         self.caches
             .all_contexts
             .get_or_load(tenant, None, || async {
                 let all = self.db.fcs(FcTable::Context, tenant).await?;
                 let all = self.loaded(CacheName::AllContexts, tenant, all).await;
-                Ok(all.into_iter().map(Arc::new).collect())
+                Ok(FcList {
+                    docs: all.into_iter().map(Arc::new).collect(),
+                    rendered: Default::default(),
+                })
             })
             .await
     }

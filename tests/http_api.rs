@@ -585,6 +585,31 @@ async fn context_list_comes_from_the_all_contexts_cache_and_follows_writes() {
     assert!(r.content_type().contains("yaml"));
     let yaml: Value = serde_norway::from_str(&r.text()).unwrap();
     assert_eq!(yaml, list);
+
+    // Both renderings are remembered with the cached list, and dropped with it: after another
+    // replacement neither representation serves the old bytes.
+    send_yaml(
+        &app,
+        Method::PUT,
+        "/fc/context/first",
+        &context_yaml("First", "3"),
+        &[],
+    )
+    .await
+    .expect(200);
+    let list = get(&app, "/fc/context", &[]).await.expect(200).json();
+    assert_eq!(list[0]["document"]["metadata"]["version"], "3", "{list}");
+    let r = get(&app, "/fc/context", &[("Accept", "application/yaml")])
+        .await
+        .expect(200);
+    let yaml: Value = serde_norway::from_str(&r.text()).unwrap();
+    assert_eq!(yaml, list);
+    let one = get(&app, "/fc/context/first", &[("Accept", "application/yaml")])
+        .await
+        .expect(200);
+    assert!(one.text().contains('3'), "{}", one.text());
+    let one = get(&app, "/fc/context/first", &[]).await.expect(200).json();
+    assert_eq!(one["metadata"]["version"], "3", "{one}");
 }
 
 #[tokio::test]

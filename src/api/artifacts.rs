@@ -13,7 +13,8 @@ use serde_json::json;
 use super::{
     body, fc_format, require_xml, wants_yaml, with_token, ApiError, ApiResult, AppState, TenantId,
 };
-use crate::domain::{FcDocument, FcFormat};
+use crate::cache::Representation;
+use crate::domain::{FcDocument, FcFormat, FcList};
 use crate::store::{FcTable, WriteMode, Written};
 
 fn status(w: Written) -> StatusCode {
@@ -108,44 +109,72 @@ pub async fn delete_opt(
 // ---- FHIR Connect: shared response shapes ----
 
 /// One document: its JSON by default; with `Accept: ...yaml` the YAML as uploaded (or converted).
+/// Rendered once per cached document (see [`crate::cache::Rendered`]).
 fn document(doc: &FcDocument, headers: &HeaderMap) -> ApiResult<Response> {
     if !wants_yaml(headers) {
-        return Ok(Json(&*doc.json).into_response());
+        let body = doc
+            .rendered
+            .get_or_render(Representation::Json, || to_json(&*doc.json))?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
     }
-    let yaml = match doc.format {
-        FcFormat::Yaml => doc.content.to_string(),
-        FcFormat::Json => serde_norway::to_string(&*doc.json).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot render YAML",
-                vec![e.to_string()],
-            )
-        })?,
-    };
-    Ok(([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response())
+    let body = doc
+        .rendered
+        .get_or_render(Representation::Yaml, || match doc.format {
+            FcFormat::Yaml => Ok(Bytes::copy_from_slice(doc.content.as_bytes())),
+            FcFormat::Json => to_yaml(&*doc.json),
+        })?;
+    Ok(([(header::CONTENT_TYPE, "application/yaml")], body).into_response())
 }
 
-/// A list: metadata plus each document, as JSON or YAML.
-fn listing(docs: &[Arc<FcDocument>], headers: &HeaderMap) -> ApiResult<Response> {
-    let items: Vec<serde_json::Value> = docs
-        .iter()
-        .map(|d| {
-            let mut v = serde_json::to_value(&**d).unwrap_or_default();
-            v["document"] = (*d.json).clone();
-            v
-        })
-        .collect();
-    if wants_yaml(headers) {
-        let y = serde_norway::to_string(&items).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot render YAML",
-                vec![e.to_string()],
-            )
-        })?;
-        return Ok(([(header::CONTENT_TYPE, "application/yaml")], y).into_response());
+/// A list of contexts or models: metadata plus each document, as JSON or YAML. Rendered once per
+/// cached list, so a cached GET of every context costs no serialization.
+fn listing(list: &FcList, headers: &HeaderMap) -> ApiResult<Response> {
+    /// One element: the document's metadata with the document itself under `document`.
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        #[serde(flatten)]
+        meta: &'a FcDocument,
+        document: &'a serde_json::Value,
     }
-    Ok(Json(items).into_response())
+    let items = || -> Vec<Item<'_>> {
+        list.docs
+            .iter()
+            .map(|d| Item {
+                meta: d,
+                document: &d.json,
+            })
+            .collect()
+    };
+    if wants_yaml(headers) {
+        let body = list
+            .rendered
+            .get_or_render(Representation::Yaml, || to_yaml(&items()))?;
+        return Ok(([(header::CONTENT_TYPE, "application/yaml")], body).into_response());
+    }
+    let body = list
+        .rendered
+        .get_or_render(Representation::Json, || to_json(&items()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn to_json<T: serde::Serialize + ?Sized>(v: &T) -> ApiResult<Bytes> {
+    serde_json::to_vec(v).map(Bytes::from).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot render JSON",
+            vec![e.to_string()],
+        )
+    })
+}
+
+fn to_yaml<T: serde::Serialize + ?Sized>(v: &T) -> ApiResult<Bytes> {
+    serde_norway::to_string(v).map(Bytes::from).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot render YAML",
+            vec![e.to_string()],
+        )
+    })
 }
 
 fn written(doc: FcDocument, w: Written) -> Response {
@@ -159,7 +188,8 @@ pub async fn list_contexts(
     TenantId(t): TenantId,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    listing(&node.contexts(&t).await?, &headers)
+    let list = node.contexts(&t).await?;
+    listing(&list, &headers)
 }
 
 /// `POST` (create) or `PUT` (create or replace) of a FHIR Connect document in `table`.
@@ -230,8 +260,12 @@ pub async fn list_models(
     TenantId(t): TenantId,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let docs: Vec<Arc<FcDocument>> = node.models(&t).await?.into_iter().map(Arc::new).collect();
-    listing(&docs, &headers)
+    // Models are not cached as a list: this list and its rendering live for one request.
+    let list = FcList {
+        docs: node.models(&t).await?.into_iter().map(Arc::new).collect(),
+        rendered: Default::default(),
+    };
+    listing(&list, &headers)
 }
 
 pub async fn create_model(

@@ -7,16 +7,18 @@
 //! Every invalidation, whatever delivered it (the local write path, a peer, NOTIFY, catch-up or an
 //! operator's `POST /caches/evict`), goes through [`Caches::apply`], which asks [`targets`].
 
+mod rendered;
 mod versioned;
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use rendered::{Rendered, Representation};
 pub use versioned::{cache_key, StatsSnapshot, VersionedCache};
 
 use crate::config::CacheConfig;
-use crate::domain::{FcDocument, OptDocument, Tenant};
+use crate::domain::{FcDocument, FcList, OptDocument, Tenant};
 
 /// A cache group: the unit of TTL configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -304,7 +306,7 @@ pub struct Caches {
     /// `tenant:templateId` -> context.
     pub context: VersionedCache<FcDocument>,
     /// `tenant` -> all of the tenant's contexts.
-    pub all_contexts: VersionedCache<Vec<Arc<FcDocument>>>,
+    pub all_contexts: VersionedCache<FcList>,
     /// `tenant` -> tenant record.
     pub tenant: VersionedCache<Tenant>,
     /// `tenant:templateId` -> compiled mapper index.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::cache::Rendered;
 use crate::error::{Error, Result};
 
 /// The format a FHIR Connect document was uploaded in; the text is kept byte for byte.
@@ -366,6 +367,18 @@ pub struct FcDocument {
     /// Last replaced.
     #[serde(with = "time::serde::rfc3339")]
     pub updated: OffsetDateTime,
+    /// Response bodies rendered from this document (see `api::artifacts`).
+    #[serde(skip)]
+    pub rendered: Rendered,
+}
+
+/// Every context of a tenant: the value of the `all_contexts` cache.
+#[derive(Debug, Default)]
+pub struct FcList {
+    /// The documents, ordered by key.
+    pub docs: Vec<Arc<FcDocument>>,
+    /// Response bodies rendered from the whole list.
+    pub rendered: Rendered,
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 
-pub use fhir_connect::{parse_fc, FcDocument, FcFormat, FcKind, ParsedFc};
+pub use fhir_connect::{parse_fc, FcDocument, FcFormat, FcKind, FcList, ParsedFc};
 pub use opt::{parse_opt, OptDocument, Template};
 
 /// The tenant every zero-config node serves (created by the migrations).

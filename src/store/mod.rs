@@ -453,6 +453,7 @@ impl Db {
             json: Arc::new(doc.json.clone()),
             created: row.get("created"),
             updated: row.get("updated"),
+            rendered: Default::default(),
         };
         Ok((stored, written(&row)))
     }
@@ -548,5 +549,6 @@ fn fc_from_row(table: FcTable, r: &Row) -> Result<FcDocument> {
         created: r.get("created"),
         updated: r.get("updated"),
         id,
+        rendered: Default::default(),
     })
 }
