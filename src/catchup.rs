@@ -248,6 +248,7 @@ pub struct InvalidationStats {
     pub(crate) steps: AtomicU64,
     pub(crate) step_failures: AtomicU64,
     pub(crate) flushes: AtomicU64,
+    pub(crate) xid_rewinds: AtomicU64,
     pub(crate) pruned: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     pub(crate) listener: AtomicU8,
@@ -296,8 +297,12 @@ pub struct InvalidationReport {
     pub catchup_steps: u64,
     /// Catch-up steps that failed (database unreachable).
     pub catchup_failures: u64,
-    /// Flushes because the cursor fell behind the retention horizon.
+    /// Flushes because the cursor fell behind the retention horizon (also counts the first
+    /// step without a watermark and every [`xid_rewinds`](Self::xid_rewinds) flush).
     pub horizon_flushes: u64,
+    /// Flushes because the database handed out transaction ids below this node's watermark
+    /// (commits lost in a crash, a failover to an async standby, a restore of a backup).
+    pub xid_rewinds: u64,
     /// Log rows this node pruned.
     pub pruned_rows: u64,
     /// Highest log position seen at the last step.
@@ -477,6 +482,7 @@ impl Invalidator {
                 // applied, so nothing cached can be trusted.
                 Some(w) if xmax < w => {
                     rewound = Some(w);
+                    self.stats.xid_rewinds.fetch_add(1, Ordering::Relaxed);
                     c.reset(xmin);
                     report.flushed = true;
                     xmin
@@ -642,6 +648,7 @@ impl Invalidator {
             catchup_steps: s.steps.load(Ordering::Relaxed),
             catchup_failures: s.step_failures.load(Ordering::Relaxed),
             horizon_flushes: s.flushes.load(Ordering::Relaxed),
+            xid_rewinds: s.xid_rewinds.load(Ordering::Relaxed),
             pruned_rows: s.pruned.load(Ordering::Relaxed),
             log_head: s.log_head.load(Ordering::Relaxed),
             watermark,

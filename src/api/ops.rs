@@ -213,6 +213,11 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
             inv.horizon_flushes,
         ),
         (
+            "openfhir_invalidation_xid_rewinds_total",
+            "Flushes because the database's transaction ids went backwards (lost commits, failover, restore).",
+            inv.xid_rewinds,
+        ),
+        (
             "openfhir_invalidation_listener_reconnects_total",
             "Listener reconnections.",
             inv.listener_reconnects,

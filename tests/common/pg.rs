@@ -540,6 +540,54 @@ impl PrivateServer {
         self.stop();
         self.start();
     }
+
+    /// Takes a cold backup of the data directory: stops the server cleanly, copies the data
+    /// directory (`cp -a`, ownership and modes kept) to `backup/` next to it, replacing an
+    /// earlier backup, and starts the server again. [`restore_backup`](Self::restore_backup)
+    /// puts it back.
+    pub fn backup(&self) {
+        self.stop();
+        let backup = self.backup_dir();
+        remove_dir(&backup);
+        copy_dir(&self.data, &backup);
+        self.start();
+    }
+
+    /// Replaces the data directory with the copy [`backup`](Self::backup) took, as a restore
+    /// of a backup (or a failover to a standby that missed the last commits) would: everything
+    /// committed since is lost and transaction ids are handed out again. The server must be
+    /// stopped (see [`kill`](Self::kill)); call [`start`](Self::start) afterwards.
+    pub fn restore_backup(&self) {
+        assert!(
+            !self.is_running(),
+            "restore_backup needs a stopped server ({})",
+            self.data.display()
+        );
+        let backup = self.backup_dir();
+        assert!(backup.is_dir(), "no backup at {}", backup.display());
+        remove_dir(&self.data);
+        copy_dir(&backup, &self.data);
+    }
+
+    fn backup_dir(&self) -> PathBuf {
+        self.dir().join("backup")
+    }
+}
+
+/// `cp -a from to` (as root this keeps `postgres` as the owner); panics on failure.
+fn copy_dir(from: &Path, to: &Path) {
+    let out = Command::new("cp").arg("-a").arg(from).arg(to).output();
+    check_output(&format!("cp -a {} {}", from.display(), to.display()), out)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Removes `dir` and its contents if it exists; panics on failure.
+fn remove_dir(dir: &Path) {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => panic!("cannot remove {}: {e}", dir.display()),
+    }
 }
 
 impl Default for PrivateServer {
