@@ -40,6 +40,7 @@ use openfhir_cache::domain::mapper::compile;
 use openfhir_cache::domain::template::{
     check_xml_depth, TemplateTree, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES,
 };
+use openfhir_cache::domain::yaml_scan::{scan_flow_depth, ScanError, MAX_FLOW_DEPTH};
 use openfhir_cache::domain::{parse_fc, parse_opt, FcFormat, FcKind};
 use openfhir_cache::Error;
 use proptest::prelude::*;
@@ -1042,26 +1043,123 @@ fn deep_yaml_and_json_are_errors_not_stack_overflows() {
     }
 }
 
-/// Known, not fixed (see the report): unsafe-libyaml-norway's scanner walks its whole
-/// simple-key stack, one entry per open flow collection, for every token, so deeply nested flow
-/// collections cost time quadratic in the depth before the recursion limit refuses them. In a
-/// release build 80 KB of `[` took 10 s and 80 KB of `{a: ` 27 s, per parse (a FHIR Connect
-/// upload is parsed twice). Run with `--ignored` to see it; it fails while the cost is quadratic.
+/// Regression: unsafe-libyaml-norway's scanner walks its simple-key stack, one slot per open flow
+/// collection, for every token, and serde_norway applies its recursion limit only after scanning
+/// the whole document, so deeply nested flow collections cost time quadratic in the depth (80 KB
+/// of `{a: ` took 27 s in release, 80 KB of `[` 10 s). Now a pre-scan refuses flow nesting deeper
+/// than MAX_FLOW_DEPTH (64) as soon as it sees it: the refusal names the position of the first
+/// collection over the limit, which proves the scan stopped there, whatever follows.
 #[test]
-#[ignore = "known quadratic time in the YAML scanner; takes about a minute in a debug build"]
 fn deeply_nested_flow_yaml_is_refused_in_linear_time() {
-    let time = |n: usize| {
-        let doc = format!("a: {}", "{a: ".repeat(n));
-        let (res, usage) = measure(|| parse_fc(doc.as_bytes(), FcFormat::Yaml, FcKind::Model));
-        assert!(res.is_err());
-        usage.time
+    let n = 20_000;
+    let shapes = [
+        format!("a: {}", "{a: ".repeat(n)),
+        format!("a: {}", "[".repeat(n)),
+        format!("a: {}", "[\n".repeat(n)),
+        format!("a: {}", "{a:\n".repeat(n)),
+        format!("a: {}1{}", "{a: ".repeat(n), "}".repeat(n)),
+        format!("a: {}{}", "[".repeat(n), "]".repeat(n)),
+        format!("a: {}", "[1, {b: ".repeat(n)),
+    ];
+    for doc in &shapes {
+        let (res, usage) = measure(|| {
+            (
+                parse_fc(doc.as_bytes(), FcFormat::Yaml, FcKind::Model).map(drop),
+                parse_model(doc, FcFormat::Yaml).map(drop),
+            )
+        });
+        for e in [res.0.unwrap_err(), res.1.unwrap_err()] {
+            let Error::Invalid { message, details } = &e else {
+                panic!("not a typed refusal: {e:?}");
+            };
+            assert_eq!(message, "malformed YAML");
+            let want = format!(
+                "flow collections ([...] or {{...}}) nested deeper than {MAX_FLOW_DEPTH} levels"
+            );
+            assert!(details[0].contains(&want), "{details:?}");
+        }
+        // Refused at the first collection over the limit: within the first few KB of the text.
+        let e = scan_flow_depth(doc, MAX_FLOW_DEPTH).unwrap_err();
+        let ScanError::FlowTooDeep { line, column, .. } = e;
+        assert!(
+            line <= MAX_FLOW_DEPTH as u64 + 1 && column < 8 * MAX_FLOW_DEPTH as u64,
+            "{e}"
+        );
+        assert!(usage.peak < 1 << 20, "{usage:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The pre-scan is linear by construction: it reads at most one token per byte (plus the
+    /// stream's start and end), and each token costs the scanner at most one step per open flow
+    /// collection, which it never lets exceed the limit. Whatever the nesting and the content
+    /// within it, it either passes text nested within the limit (reporting the true depth) or
+    /// refuses text nested deeper, at the first collection over the limit.
+    #[test]
+    fn the_flow_depth_pre_scan_is_linear(
+        depth in 0usize..300,
+        items in 0usize..2000,
+        mapping in any::<bool>(),
+        newlines in any::<bool>(),
+    ) {
+        let open = match (mapping, newlines) {
+            (true, true) => "{a:\n",
+            (true, false) => "{a: ",
+            (false, true) => "[\n",
+            (false, false) => "[",
+        };
+        let close = if mapping { "}" } else { "]" };
+        let doc = format!(
+            "a: {}{}x{}\n",
+            open.repeat(depth),
+            "1, 'q]]', \"}}\", ".repeat(items),
+            close.repeat(depth)
+        );
+        match scan_flow_depth(&doc, MAX_FLOW_DEPTH) {
+            Ok(stats) => {
+                prop_assert!(depth <= MAX_FLOW_DEPTH);
+                prop_assert_eq!(stats.max_depth, depth);
+                prop_assert!(stats.tokens <= doc.len() + 2, "{stats:?} for {} bytes", doc.len());
+            }
+            Err(ScanError::FlowTooDeep { line, column, max }) => {
+                prop_assert!(depth > MAX_FLOW_DEPTH);
+                prop_assert_eq!(max, MAX_FLOW_DEPTH);
+                // The (max + 1)-th opener, wherever the content after it ends.
+                let at = if newlines { (MAX_FLOW_DEPTH as u64 + 1, 1) } else {
+                    (1, 4 + (MAX_FLOW_DEPTH * open.len()) as u64)
+                };
+                prop_assert_eq!((line, column), at);
+            }
+        }
+    }
+}
+
+/// Flow nesting up to the limit still reads (one more level is refused), and the fixtures' nesting
+/// is far below it.
+#[test]
+fn flow_nesting_within_the_limit_is_read() {
+    let nested = |d: usize| {
+        format!(
+            "type: model\nmetadata: {{name: m}}\nspec: {{openEhrConfig: {{archetype: a}}}}\nx-deep: {}1{}\n",
+            "[".repeat(d),
+            "]".repeat(d)
+        )
     };
-    let (small, large) = (time(5_000), time(20_000));
-    assert!(
-        large < small * 8,
-        "4 times the depth took {:.1}x the time ({small:?} -> {large:?})",
-        large.as_secs_f64() / small.as_secs_f64()
+    let ok = nested(MAX_FLOW_DEPTH);
+    assert_eq!(
+        scan_flow_depth(&ok, MAX_FLOW_DEPTH).unwrap().max_depth,
+        MAX_FLOW_DEPTH
     );
+    assert!(parse_fc(ok.as_bytes(), FcFormat::Yaml, FcKind::Model).is_ok());
+    assert!(parse_model(&ok, FcFormat::Yaml).is_ok());
+    let e = parse_model(&nested(MAX_FLOW_DEPTH + 1), FcFormat::Yaml).unwrap_err();
+    assert!(format!("{e:?}").contains("flow collections"), "{e:?}");
+    for name in YAML_FIXTURES {
+        let stats = scan_flow_depth(&fixture(name), MAX_FLOW_DEPTH).unwrap();
+        assert!(stats.max_depth <= 4, "{name}: {stats:?}");
+    }
 }
 
 /// A model whose `b` list repeats an alias of an `n`-element anchor `n` times.

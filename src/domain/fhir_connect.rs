@@ -6,6 +6,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::cache::Rendered;
+use crate::domain::yaml_scan::{scan_flow_depth, ScanError, MAX_FLOW_DEPTH};
 use crate::error::{Error, Result};
 
 /// The format a FHIR Connect document was uploaded in; the text is kept byte for byte.
@@ -206,10 +207,26 @@ pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedF
 /// stops with an error after `2 * text.len() + 1024` units: a document without aliases never
 /// reaches that (each unit takes at least a byte of text), so only alias expansion is refused,
 /// and memory and time stay proportional to the text.
-pub(crate) fn read_yaml(text: &str) -> std::result::Result<serde_json::Value, serde_norway::Error> {
+///
+/// Before that, [`scan_flow_depth`] refuses flow collections nested deeper than
+/// [`MAX_FLOW_DEPTH`]: the scanner's time grows with tokens x flow depth, and serde_norway applies
+/// its recursion limit (128) only after scanning the whole document.
+pub(crate) fn read_yaml(text: &str) -> std::result::Result<serde_json::Value, YamlError> {
     use serde::de::DeserializeSeed;
+    scan_flow_depth(text, MAX_FLOW_DEPTH)?;
     let budget = std::cell::Cell::new(text.len().saturating_mul(2).saturating_add(1024));
-    yaml::Bounded(&budget).deserialize(serde_norway::Deserializer::from_str(text))
+    Ok(yaml::Bounded(&budget).deserialize(serde_norway::Deserializer::from_str(text))?)
+}
+
+/// Why YAML text could not be read (see [`read_yaml`]).
+#[derive(Debug, thiserror::Error)]
+pub enum YamlError {
+    /// Refused by the linear pre-scan before parsing (flow collections nested too deeply).
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    /// Malformed YAML, or aliases expanding it beyond the budget.
+    #[error(transparent)]
+    Syntax(#[from] serde_norway::Error),
 }
 
 mod yaml {

@@ -6,6 +6,7 @@ pub mod helpers;
 pub mod mapper;
 pub mod opt;
 pub mod template;
+pub mod yaml_scan;
 
 use serde::Serialize;
 use time::OffsetDateTime;
