@@ -74,6 +74,8 @@ pub const VARS: &[Var] = &[
           doc: "When set, every endpoint except /health/* requires `Authorization: Bearer <token>`." },
     Var { env: "OPENFHIR_MAX_BODY_BYTES", key: "http.max_body_bytes", default: "16777216",
           doc: "Largest accepted request body in bytes (default 16 MiB; real OPTs reach 3 MB). Larger bodies get 413." },
+    Var { env: "OPENFHIR_MAX_FC_BODY_BYTES", key: "http.max_fc_body_bytes", default: "131072",
+          doc: "Largest FHIR Connect document (POST/PUT /fc/context, /fc/model) in bytes (default 128 KiB; real ones are a few KB, and parsing one takes up to about 300 times its size in memory). Larger bodies get 413." },
     Var { env: "OPENFHIR_REQUEST_TIMEOUT_SECS", key: "http.request_timeout_secs", default: "30",
           doc: "A request that takes longer than this many seconds is answered 408 and its resources freed." },
     Var { env: "OPENFHIR_HEADER_TIMEOUT_SECS", key: "http.header_timeout_secs", default: "10",
@@ -546,6 +548,9 @@ pub struct HttpConfig {
     pub api_token: Option<Secret>,
     /// `OPENFHIR_MAX_BODY_BYTES`: largest accepted body, in bytes.
     pub max_body_bytes: usize,
+    /// `OPENFHIR_MAX_FC_BODY_BYTES`: largest FHIR Connect document, in bytes. Lower than
+    /// `max_body_bytes` because YAML parsing and the typed models take up to ~300x the text.
+    pub max_fc_body_bytes: usize,
     /// `OPENFHIR_REQUEST_TIMEOUT_SECS`: per-request time limit, in seconds.
     pub request_timeout_secs: u64,
     /// `OPENFHIR_HEADER_TIMEOUT_SECS`: time to receive request headers, in seconds.
@@ -723,6 +728,9 @@ impl Config {
             })?,
             api_token: raw.parse("http.api_token", |s| Ok(non_empty(s).map(Secret)))?,
             max_body_bytes: raw.parse("http.max_body_bytes", |s| {
+                parse_range(s, 1024, 1 << 30, "a number of bytes")
+            })?,
+            max_fc_body_bytes: raw.parse("http.max_fc_body_bytes", |s| {
                 parse_range(s, 1024, 1 << 30, "a number of bytes")
             })?,
             request_timeout_secs: raw.parse("http.request_timeout_secs", |s| {
@@ -1007,6 +1015,7 @@ mod tests {
         assert!(c.cluster.dns_query.is_none() && c.cluster.initial_hosts.is_empty());
         assert_eq!(c.http.addr, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.http.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.http.max_fc_body_bytes, 128 * 1024);
         assert_eq!(
             c.database.url.expose(),
             "postgres://postgres@127.0.0.1:5432/postgres"

@@ -34,7 +34,9 @@ use openfhir_cache::cluster::{
     WireError, MAGIC, MAX_FRAME, PROTOCOL,
 };
 use openfhir_cache::config::{parse_initial_hosts, Config, HostPort, Ttl, VARS};
-use openfhir_cache::domain::fc_model::{parse_context, parse_model, ModelDocument};
+use openfhir_cache::domain::fc_model::{
+    parse_context, parse_model, ModelDocument, MAX_FIELD_ERRORS,
+};
 use openfhir_cache::domain::helpers::{self, MAX_HELPERS, MAX_TREE_BYTES};
 use openfhir_cache::domain::mapper::compile;
 use openfhir_cache::domain::template::{
@@ -1261,4 +1263,83 @@ fn helper_trees_are_bounded_in_bytes() {
     assert!(usage.peak < 3 * MAX_TREE_BYTES, "{usage:?}");
     assert!(t.iter().count() < n, "the budget stopped the expansion");
     assert!(t.unresolved.iter().any(|u| u.starts_with("limit: ")));
+}
+
+/// The worst shapes for memory at the FHIR Connect body limit (OPENFHIR_MAX_FC_BODY_BYTES),
+/// parsed as an upload parses them (`parse_fc`, then the typed model while its value is alive),
+/// peak under 64 MiB. Found here: empty `{}` mappings cost 440x their text, most of it the two
+/// validation problems listed for each (1.4 million for 1 MB); now at most MAX_FIELD_ERRORS are
+/// listed and the rest counted, and the body limit for these routes is 256 KiB.
+#[test]
+fn fc_uploads_at_the_body_limit_peak_under_64_mib() {
+    // The limit the FHIR Connect routes apply by default: the smaller of the two settings.
+    let default = |env: &str| -> usize {
+        VARS.iter()
+            .find(|v| v.env == env)
+            .map_or(usize::MAX, |v| v.default.parse().unwrap())
+    };
+    let limit = default("OPENFHIR_MAX_FC_BODY_BYTES").min(default("OPENFHIR_MAX_BODY_BYTES"));
+    let head = "type: model\nmetadata: {name: m}\nspec: {openEhrConfig: {archetype: a}}\n";
+    let fill = |prefix: &str, unit: &str, suffix: &str| {
+        let n = (limit - prefix.len() - suffix.len()) / unit.len();
+        format!("{prefix}{}{suffix}", unit.repeat(n))
+    };
+    let depth = 20;
+    let shapes = [
+        (
+            "empty mappings",
+            fill(&format!("{head}mappings: ["), "{},", "{}]\n"),
+        ),
+        (
+            "empty mappings, nested",
+            fill(
+                &format!(
+                    "{head}mappings: [{}",
+                    "{followedBy: {mappings: [".repeat(depth)
+                ),
+                "{},",
+                &format!("{{}}{}]\n", "]}}".repeat(depth)),
+            ),
+        ),
+        (
+            "block mappings",
+            fill(&format!("{head}mappings:\n"), "- {}\n", ""),
+        ),
+        ("numbers", fill(&format!("{head}x: ["), "1,", "1]\n")),
+        (
+            "valid mappings",
+            fill(
+                &format!("{head}mappings: ["),
+                "{name: a, with: {fhir: f}},",
+                "]\n",
+            ),
+        ),
+        ("keys", fill(&format!("{head}x: {{"), "a: ,", "}\n")),
+    ];
+    for (name, doc) in &shapes {
+        assert!(
+            doc.len() <= limit && doc.len() > limit - 64,
+            "{name}: {}",
+            doc.len()
+        );
+        let (res, usage) = measure(|| {
+            let parsed = parse_fc(doc.as_bytes(), FcFormat::Yaml, FcKind::Model);
+            let typed = parse_model(doc, FcFormat::Yaml).map(drop);
+            (parsed.map(drop), typed)
+        });
+        eprintln!(
+            "{name}: {} bytes peak at {} KiB ({}x)",
+            doc.len(),
+            usage.peak >> 10,
+            usage.peak / doc.len()
+        );
+        assert!(usage.peak < 64 << 20, "{name}: {usage:?}");
+        if let Err(Error::Invalid { details, .. }) = &res.1 {
+            assert!(
+                details.len() <= MAX_FIELD_ERRORS + 1,
+                "{name}: {}",
+                details.len()
+            );
+        }
+    }
 }

@@ -78,17 +78,10 @@ pub type AppState = Arc<Node>;
 /// The whole API with its limits (body size, request timeout) and authentication.
 pub fn router(node: Arc<Node>) -> Router {
     let http = node.config().http.clone();
-    Router::new()
-        .route(
-            "/opt",
-            get(artifacts::list_opts).post(artifacts::create_opt),
-        )
-        .route(
-            "/opt/{template_id}",
-            get(artifacts::get_opt)
-                .put(artifacts::put_opt)
-                .delete(artifacts::delete_opt),
-        )
+    // FHIR Connect documents get their own, lower body limit: parsing one peaks at up to ~250x its
+    // size (see OPENFHIR_MAX_FC_BODY_BYTES). This layer is inside the general one, so it wins.
+    let fc_limit = http.max_fc_body_bytes.min(http.max_body_bytes);
+    let fc = Router::new()
         .route(
             "/fc/context",
             get(artifacts::list_contexts).post(artifacts::create_context),
@@ -109,6 +102,19 @@ pub fn router(node: Arc<Node>) -> Router {
                 .put(artifacts::put_model)
                 .delete(artifacts::delete_model),
         )
+        .layer(DefaultBodyLimit::max(fc_limit));
+    Router::new()
+        .route(
+            "/opt",
+            get(artifacts::list_opts).post(artifacts::create_opt),
+        )
+        .route(
+            "/opt/{template_id}",
+            get(artifacts::get_opt)
+                .put(artifacts::put_opt)
+                .delete(artifacts::delete_opt),
+        )
+        .merge(fc)
         .route("/fc/mapper/{template_id}", get(artifacts::get_mapper))
         .route("/fc/helpers/{template_id}", get(artifacts::get_helpers))
         .route("/tenants", get(tenants::list))
@@ -282,7 +288,8 @@ fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
     b.map_err(|r| {
         let status = r.status();
         let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request body too large (limit: OPENFHIR_MAX_BODY_BYTES)".to_string()
+            "request body too large (limit: OPENFHIR_MAX_BODY_BYTES; for FHIR Connect documents OPENFHIR_MAX_FC_BODY_BYTES)"
+                .to_string()
         } else {
             "could not read the request body".to_string()
         };

@@ -438,28 +438,47 @@ fn blank(s: &Option<String>) -> bool {
     s.as_deref().is_none_or(|s| s.trim().is_empty())
 }
 
-struct Errors(Vec<FieldError>);
+/// Most validation problems listed for one document; the rest are counted in one last entry.
+/// Each problem is a path and a message of up to a few hundred bytes, from as little as 3 bytes
+/// of text (`{},`), so listing them all made 1 MB of `{}` mappings hold 1.4 million of them; no
+/// one reads past the first screenful anyway.
+pub const MAX_FIELD_ERRORS: usize = 100;
+
+/// The problems found so far: the first [`MAX_FIELD_ERRORS`] in full, and how many in all.
+struct Errors(Vec<FieldError>, usize);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
-            path: path.into(),
-            message: message.into(),
-        });
+    fn new() -> Self {
+        Errors(Vec::new(), 0)
     }
-    fn finish(self) -> std::result::Result<(), Vec<FieldError>> {
-        if self.0.is_empty() {
-            Ok(())
-        } else {
-            Err(self.0)
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.1 += 1;
+        if self.0.len() < MAX_FIELD_ERRORS {
+            self.0.push(FieldError {
+                path: path.into(),
+                message: message.into(),
+            });
         }
+    }
+    fn finish(mut self) -> std::result::Result<(), Vec<FieldError>> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let more = self.1 - self.0.len();
+        if more > 0 {
+            self.0.push(FieldError {
+                path: "(more)".to_string(),
+                message: format!("{more} more problems not listed (fix the ones above first)"),
+            });
+        }
+        Err(self.0)
     }
 }
 
 impl ContextDocument {
     /// Checks the context; returns every problem found.
     pub fn validate(&self) -> std::result::Result<(), Vec<FieldError>> {
-        let mut e = Errors(Vec::new());
+        let mut e = Errors::new();
         if let Some(k) = &self.kind {
             if k.trim() != "context" {
                 e.push("type", format!("is {k:?}; a context has type: context"));
@@ -543,7 +562,7 @@ impl ModelDocument {
 
     /// Checks the model or extension; returns every problem found.
     pub fn validate(&self) -> std::result::Result<(), Vec<FieldError>> {
-        let mut e = Errors(Vec::new());
+        let mut e = Errors::new();
         let ext = self.is_extension();
         if let Some(k) = &self.kind {
             if !matches!(k.trim(), "model" | "extension") {
