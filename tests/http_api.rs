@@ -1063,6 +1063,36 @@ async fn bodies_over_the_limit_get_413_and_nothing_is_written() {
 }
 
 #[tokio::test]
+async fn fhir_connect_bodies_have_their_own_smaller_limit() {
+    // The general limit stays large; only the FHIR Connect routes are bounded by
+    // OPENFHIR_MAX_FC_BODY_BYTES (their typed models cost far more memory than their text).
+    let app = spawn_with(&[("OPENFHIR_MAX_FC_BODY_BYTES", "2048")]).await;
+    let before = all_counts(&app).await;
+    let pad = "x".repeat(4096);
+    for (path, body) in [
+        ("/fc/context/big", context_yaml("Big", &pad)),
+        ("/fc/model/Big", model_yaml("Big", &pad)),
+    ] {
+        let r = send(&app, Method::PUT, path, Some("application/yaml"), &[], body).await;
+        assert_eq!(r.status.as_u16(), 413, "PUT {path}: {}", r.text());
+        r.expect_error(413, &["too large", "OPENFHIR_MAX_FC_BODY_BYTES"]);
+    }
+    assert_eq!(all_counts(&app).await, before);
+    // An OPT of the same size is under the general limit and is stored.
+    post_xml(&app, &opt_xml("Big", &pad), &[]).await.expect(201);
+    // A small FHIR Connect document still works.
+    send_yaml(
+        &app,
+        Method::PUT,
+        "/fc/context/small",
+        &context_yaml("Small", "1"),
+        &[],
+    )
+    .await
+    .expect(201);
+}
+
+#[tokio::test]
 async fn bad_tenant_bodies_are_refused_and_nothing_is_written() {
     let app = spawn_app().await;
     let json = "application/json";
