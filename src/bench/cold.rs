@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::harness::{node_err, Harness, Linking, NodeSpec};
+use super::harness::{node_err, Harness};
 use super::read::{api_read, http_read, Artifact, Path};
-use super::{data, BenchError, BenchResult};
+use super::{BenchError, BenchResult};
 use crate::cache::Change;
 use crate::node::Node;
 
@@ -107,15 +107,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Runs the scenario.
 pub async fn run(h: &Harness) -> BenchResult<ColdReport> {
-    let spec = |cached| NodeSpec {
-        notify: false,
-        catchup_ms: 0,
-        cached,
-        pool: 16,
-    };
-    let cached = h.track(h.start_fleet(1, Linking::Separate, spec(true)).await?);
-    let uncached = h.track(h.start_fleet(1, Linking::Separate, spec(false)).await?);
-    data::seed(cached.fleet().node(0), &h.tenant).await?;
+    let (cached, uncached) = h.cached_and_uncached().await?;
     let client = reqwest::Client::new();
     let ks = h.sizes.cold_ks.clone();
     let bar = h.progress.bar("cold-start", (ks.len() * 4) as u64);

@@ -363,6 +363,21 @@ impl Harness {
         Ok(())
     }
 
+    /// The side-by-side pair of the read and cold-start scenarios: one cached node (TTL -1) and
+    /// one TTL 0 node, each a cluster of its own, no NOTIFY or catch-up, the data seeded.
+    pub async fn cached_and_uncached(&self) -> BenchResult<(Tracked<'_>, Tracked<'_>)> {
+        let spec = |cached| NodeSpec {
+            notify: false,
+            catchup_ms: 0,
+            cached,
+            pool: 16,
+        };
+        let cached = self.track(self.start_fleet(1, Linking::Separate, spec(true)).await?);
+        let uncached = self.track(self.start_fleet(1, Linking::Separate, spec(false)).await?);
+        super::data::seed(cached.fleet().node(0), &self.tenant).await?;
+        Ok((cached, uncached))
+    }
+
     /// Keeps a fleet's nodes to be stopped at cleanup if the scenario is interrupted: the
     /// returned guard hands them back.
     pub fn track(&self, fleet: Fleet) -> Tracked<'_> {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::harness::{node_err, Harness, Linking, NodeSpec};
+use super::harness::{node_err, Harness};
 use super::stats::{Recorder, Summary};
 use super::{data, BenchError, BenchResult};
 use crate::node::Node;
@@ -237,15 +237,7 @@ where
 
 /// Runs the scenario.
 pub async fn run(h: &Harness) -> BenchResult<ReadReport> {
-    let spec = |cached| NodeSpec {
-        notify: false,
-        catchup_ms: 0,
-        cached,
-        pool: 16,
-    };
-    let cached = h.track(h.start_fleet(1, Linking::Separate, spec(true)).await?);
-    let uncached = h.track(h.start_fleet(1, Linking::Separate, spec(false)).await?);
-    data::seed(cached.fleet().node(0), &h.tenant).await?;
+    let (cached, uncached) = h.cached_and_uncached().await?;
     let client = reqwest::Client::builder()
         .build()
         .map_err(|e| BenchError::Setup(format!("HTTP client: {e}")))?;

@@ -204,24 +204,10 @@ impl TestApp {
     }
 }
 
-/// A small but well-formed OPT whose `concept` carries `marker` (to tell versions apart).
+/// A small but well-formed OPT whose `concept` carries `marker` (to tell versions apart): the
+/// bench harness's fixture, so tests and benchmarks exercise the same document.
 pub fn opt_xml(template_id: &str, marker: &str) -> String {
-    format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?>
-<template xmlns="http://schemas.openehr.org/v1" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
-  <language><terminology_id><value>ISO_639-1</value></terminology_id><code_string>en</code_string></language>
-  <description><other_details id="sem_ver">1.0.0</other_details></description>
-  <uid><value>{marker}</value></uid>
-  <template_id><value>{template_id}</value></template_id>
-  <concept>{marker}</concept>
-  <definition xsi:type="C_ARCHETYPE_ROOT">
-    <rm_type_name>COMPOSITION</rm_type_name>
-    <occurrences><lower_included>true</lower_included><upper_included>true</upper_included><lower_unbounded>false</lower_unbounded><upper_unbounded>false</upper_unbounded><lower>1</lower><upper>1</upper></occurrences>
-    <node_id/>
-    <archetype_id><value>openEHR-EHR-COMPOSITION.report.v1</value></archetype_id>
-  </definition>
-</template>"#
-    )
+    openfhir_cache::bench::data::small_opt(template_id, marker)
 }
 
 /// A FHIR Connect context for `template_id`; `marker` goes into `metadata.version`.
