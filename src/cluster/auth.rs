@@ -181,11 +181,55 @@ impl HandshakeError {
     }
 }
 
+/// The most bytes of a peer's own field (cluster name, release, node id) a [`Reject`] or an error
+/// quotes back. Real values are far shorter; a hostile Hello may carry tens of kilobytes.
+const ECHO_MAX: usize = 128;
+/// The most bytes of a [`Reject`] message. Even if every byte needs a 6-byte JSON escape, the
+/// Reject stays far below [`MAX_FRAME`], so it is always sent instead of failing to encode.
+const REJECT_MESSAGE_MAX: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a char boundary, with a marker saying how long it was, so
+/// text quoted from a peer can neither outgrow a frame nor flood the logs.
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...({} bytes)", &s[..end], s.len())
+}
+
 fn reject(reason: RejectReason, message: impl Into<String>) -> Reject {
     Reject {
-        reason,
-        message: message.into(),
+        reason: clip_reason(reason),
+        message: clip(&message.into(), REJECT_MESSAGE_MAX),
     }
+}
+
+/// The reason with every peer-supplied field clipped to [`ECHO_MAX`].
+fn clip_reason(reason: RejectReason) -> RejectReason {
+    match reason {
+        RejectReason::ClusterName { ours, theirs } => RejectReason::ClusterName {
+            ours: clip(&ours, ECHO_MAX),
+            theirs: clip(&theirs, ECHO_MAX),
+        },
+        RejectReason::Version { ours, theirs } => RejectReason::Version {
+            ours: clip(&ours, ECHO_MAX),
+            theirs: clip(&theirs, ECHO_MAX),
+        },
+        RejectReason::SameNodeId { node_id } => RejectReason::SameNodeId {
+            node_id: clip(&node_id, ECHO_MAX),
+        },
+        other => other,
+    }
+}
+
+/// A Reject received from a peer, bounded like the ones this node sends: it is logged and kept in
+/// the `/cluster` report, and a hostile peer may fill a whole frame with it.
+fn received(r: Reject) -> HandshakeError {
+    HandshakeError::RejectedByPeer(reject(r.reason, r.message))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -547,10 +591,13 @@ fn check_peer(
         ));
     }
     if cluster != ours.cluster {
+        // Every field quoted from the peer is clipped first: a ~40 KB name echoed twice made the
+        // Reject outgrow MAX_FRAME, and then it was silently not sent.
+        let cluster = clip(cluster, ECHO_MAX);
         return Err(reject(
             RejectReason::ClusterName {
                 ours: ours.cluster.clone(),
-                theirs: cluster.to_string(),
+                theirs: cluster.clone(),
             },
             format!(
                 "cluster name mismatch: node {:?} is in cluster {:?}, the peer in cluster {cluster:?}",
@@ -559,10 +606,11 @@ fn check_peer(
         ));
     }
     if version != ours.version {
+        let version = clip(version, ECHO_MAX);
         return Err(reject(
             RejectReason::Version {
                 ours: ours.version.clone(),
-                theirs: version.to_string(),
+                theirs: version.clone(),
             },
             format!(
                 "release mismatch: node {:?} runs {}, the peer runs {version}; all nodes of a cluster must run the same release",
@@ -791,7 +839,7 @@ async fn connect_steps<S: AsyncRead + AsyncWrite + Unpin>(
     send_plain(stream, cluster, Message::Hello(hello)).await?;
     let welcome = match recv_plain(stream, cluster).await?.body {
         Message::Welcome(w) => w,
-        Message::Reject(r) => return Err(HandshakeError::RejectedByPeer(r)),
+        Message::Reject(r) => return Err(received(r)),
         other => {
             return Err(HandshakeError::Unexpected {
                 expected: "welcome",
@@ -831,7 +879,7 @@ async fn accept_steps<S: AsyncRead + AsyncWrite + Unpin>(
     let env = recv_plain(stream, cluster).await?;
     let hello = match env.body {
         Message::Hello(h) => h,
-        Message::Reject(r) => return Err(HandshakeError::RejectedByPeer(r)),
+        Message::Reject(r) => return Err(received(r)),
         other => {
             return Err(HandshakeError::Unexpected {
                 expected: "hello",
@@ -844,7 +892,8 @@ async fn accept_steps<S: AsyncRead + AsyncWrite + Unpin>(
             RejectReason::Protocol,
             format!(
                 "the envelope names cluster {:?} but the hello names {:?}",
-                env.cluster, hello.cluster
+                clip(&env.cluster, ECHO_MAX),
+                clip(&hello.cluster, ECHO_MAX)
             ),
         )));
     }
@@ -854,7 +903,7 @@ async fn accept_steps<S: AsyncRead + AsyncWrite + Unpin>(
     let proof = if pending.expects_proof() {
         match recv_plain(stream, cluster).await?.body {
             Message::Proof(p) => Some(p),
-            Message::Reject(r) => return Err(HandshakeError::RejectedByPeer(r)),
+            Message::Reject(r) => return Err(received(r)),
             other => {
                 return Err(HandshakeError::Unexpected {
                     expected: "proof",
@@ -1011,6 +1060,57 @@ mod tests {
             server_on_hello(&id("b"), None, &h).unwrap_err().reason,
             RejectReason::Protocol
         );
+    }
+
+    /// The Reject a node sends, framed as it goes on the wire.
+    fn framed(r: &Reject) -> Result<Vec<u8>, WireError> {
+        Envelope::new("test", Message::Reject(r.clone())).encode()
+    }
+
+    #[test]
+    fn a_reject_echoing_a_huge_hello_still_fits_in_a_frame() {
+        // Quotes double under JSON escaping, and the message quotes the name through `{:?}`
+        // once more: a ~44 KB Hello used to produce a ~66 KB Reject, which was never sent.
+        for field in [
+            "\"".repeat(11_000),
+            "\u{1}".repeat(10_000),
+            "é".repeat(20_001),
+        ] {
+            let (mut hello, _) = client_start(&id("a"), None);
+            hello.cluster = field.clone();
+            let r = server_on_hello(&id("b"), None, &hello).unwrap_err();
+            assert!(matches!(r.reason, RejectReason::ClusterName { .. }));
+            let frame = framed(&r).expect("the cluster name Reject fits in a frame");
+            assert!(frame.len() < 8 * 1024, "{} bytes", frame.len());
+
+            let (mut hello, _) = client_start(&id("a"), None);
+            hello.version = field.clone();
+            let r = server_on_hello(&id("b"), None, &hello).unwrap_err();
+            assert!(matches!(r.reason, RejectReason::Version { .. }));
+            assert!(framed(&r).is_ok(), "the version Reject fits in a frame");
+            if let RejectReason::Version { theirs, .. } = &r.reason {
+                assert!(theirs.len() < ECHO_MAX + 32, "{} bytes", theirs.len());
+            }
+        }
+        // Any error text is bounded, char-boundary safe.
+        let r = reject(RejectReason::Protocol, "é".repeat(REJECT_MESSAGE_MAX));
+        assert!(r.message.len() < REJECT_MESSAGE_MAX + 32);
+        assert!(r.message.starts_with('é') && r.message.ends_with("bytes)"));
+        assert_eq!(clip("short", ECHO_MAX), "short");
+    }
+
+    #[tokio::test]
+    async fn a_huge_hello_gets_its_reject_over_the_stream() {
+        let mut big = id("a");
+        big.cluster = "\"".repeat(11_000);
+        let (mut c, mut s) = tokio::io::duplex(256 * 1024);
+        let server = tokio::spawn(async move { accept(&mut s, &id("b"), None).await });
+        let client = connect(&mut c, &big, None).await.unwrap_err();
+        assert!(
+            matches!(client.reason(), Some(RejectReason::ClusterName { .. })),
+            "the client got no Reject: {client}"
+        );
+        assert!(server.await.unwrap().is_err());
     }
 
     #[test]
