@@ -36,6 +36,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Handshakes running at once; more connections are closed at once, so a flood of connection
 /// attempts costs a file descriptor briefly and never starves established peers.
 const MAX_HANDSHAKES: usize = 64;
+/// Further handshake slots that only connections from a known peer's IP (a discovered or learned
+/// address) may take. Without them a flood that keeps the shared slots full locks out a peer that
+/// joins or reconnects during it (found by tests/cluster_flood.rs).
+const RESERVED_PEER_HANDSHAKES: usize = 16;
+/// Handshakes from one source IP at once: a single flooding host cannot take every shared slot.
+const MAX_HANDSHAKES_PER_IP: usize = 8;
 /// Redial delays.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -203,9 +209,79 @@ fn record_refusal(s: &Shared, addr: String, e: &HandshakeError) {
 // ---------------------------------------------------------------------------------------------
 // Receiving
 
+/// Admission to the handshake stage. Every accepted connection needs a slot until its handshake
+/// ends (at most [`HANDSHAKE_TIMEOUT`]); one that gets none is closed at once, so a flood costs a
+/// file descriptor only briefly.
+struct HandshakeGate {
+    /// Slots anyone may take.
+    shared: Arc<Semaphore>,
+    /// Slots only known peers' IPs may take, tried before the shared ones.
+    reserved: Arc<Semaphore>,
+    /// Slots held per source IP; an IP is removed when its count drops to zero, so the map never
+    /// holds more entries than there are slots.
+    per_ip: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+/// A held handshake slot, given back when dropped.
+struct HandshakeSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.per_ip.lock() {
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl HandshakeGate {
+    fn new() -> HandshakeGate {
+        HandshakeGate {
+            shared: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            reserved: Arc::new(Semaphore::new(RESERVED_PEER_HANDSHAKES)),
+            per_ip: Default::default(),
+        }
+    }
+
+    /// A slot for a connection from `ip`, or `None` to shed it.
+    fn admit(&self, ip: IpAddr, known_peer: bool) -> Option<HandshakeSlot> {
+        let mut m = self.per_ip.lock().ok()?;
+        if m.get(&ip).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_IP {
+            return None;
+        }
+        let reserved = known_peer
+            .then(|| self.reserved.clone().try_acquire_owned().ok())
+            .flatten();
+        let permit = reserved.or_else(|| self.shared.clone().try_acquire_owned().ok())?;
+        *m.entry(ip).or_insert(0) += 1;
+        Some(HandshakeSlot {
+            _permit: permit,
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
+    }
+}
+
+/// Whether `ip` is the IP of an address discovery published or a peer advertised. Only a
+/// host that is really at that IP can connect from it over TCP, so the reserved slots cannot be
+/// claimed from elsewhere.
+fn known_peer_ip(s: &Shared, ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    let is = |a: &SocketAddr| a.ip().to_canonical() == ip;
+    s.discovered.borrow().iter().any(is) || s.learned.borrow().iter().any(is)
+}
+
 async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
     let s = node.cluster().shared.clone();
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let gate = HandshakeGate::new();
     loop {
         let accepted = tokio::select! {
             _ = s.cancel.cancelled() => return,
@@ -213,9 +289,10 @@ async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
         };
         match accepted {
             Ok((stream, from)) => {
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                let known = known_peer_ip(&s, from.ip());
+                let Some(permit) = gate.admit(from.ip(), known) else {
                     s.counters.connections_shed.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%from, "too many cluster handshakes at once; connection closed");
+                    tracing::debug!(%from, known, "too many cluster handshakes at once; connection closed");
                     continue;
                 };
                 let node = node.clone();
@@ -236,12 +313,7 @@ async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-async fn inbound(
-    mut stream: TcpStream,
-    from: SocketAddr,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    node: Arc<Node>,
-) {
+async fn inbound(mut stream: TcpStream, from: SocketAddr, permit: HandshakeSlot, node: Arc<Node>) {
     let s = node.cluster().shared.clone();
     let _ = stream.set_nodelay(true);
     let id = identity(&s);
@@ -728,5 +800,37 @@ async fn failure_detector(s: Arc<Shared>) {
                 s.learned.send_if_modified(|l| l.remove(&a));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handshake_gate_limits_each_ip_and_keeps_slots_for_known_peers() {
+        let gate = HandshakeGate::new();
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        // One host gets at most MAX_HANDSHAKES_PER_IP slots.
+        let one: Vec<_> = (0..MAX_HANDSHAKES_PER_IP)
+            .map(|_| gate.admit(ip(1), false).expect("a slot"))
+            .collect();
+        assert!(gate.admit(ip(1), false).is_none());
+        // Many hosts fill the shared slots...
+        let mut flood = Vec::new();
+        for n in 2..=255 {
+            while let Some(slot) = gate.admit(ip(n), false) {
+                flood.push(slot);
+            }
+        }
+        assert_eq!(one.len() + flood.len(), MAX_HANDSHAKES);
+        assert!(gate.admit(ip(2), false).is_none());
+        // ...but a known peer still gets a reserved one.
+        let peer = gate.admit(IpAddr::from([10, 0, 1, 1]), true);
+        assert!(peer.is_some());
+        // Slots come back when dropped, and the per-IP table empties.
+        drop((one, flood, peer));
+        assert!(gate.per_ip.lock().unwrap().is_empty());
+        assert!(gate.admit(ip(1), false).is_some());
     }
 }
