@@ -22,9 +22,10 @@ use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
 pub type LoadHook =
     Arc<dyn Fn(CacheName, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Called after [`Node::apply`] applied a change to this node's caches: for changes delivered by
-/// the peer channel, NOTIFY or catch-up, and operator evictions (not this node's own writes). Benchmarks use it to time
-/// propagation; it must be cheap and must not block.
+/// Called when [`Node::apply`] has made a change's entries unservable on this node (the
+/// synchronous generation bump; their memory is freed just after): for changes delivered by the
+/// peer channel, NOTIFY or catch-up, and operator evictions (not this node's own writes).
+/// Benchmarks use it to time propagation; it must be cheap and must not block.
 pub type ApplyHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
 /// One node's cached view of the store.
@@ -140,11 +141,15 @@ impl Node {
     /// Applies a change to this node's caches through the one eviction rule. Every channel that
     /// learns of a change calls this.
     pub async fn apply(&self, change: &Change) -> usize {
-        let n = self.caches.apply(change).await;
-        tracing::debug!(?change, targets = n, "evicted");
+        // The generation bump is the eviction: from here on no read serves an old entry (and a
+        // caller cancelled later cannot undo it), so this is when the change counts as applied.
+        self.caches.invalidate_now(change);
         if let Some(hook) = self.apply_hook.read().ok().and_then(|h| h.clone()) {
             hook(change);
         }
+        // Dropping the dead entries only frees memory.
+        let n = self.caches.purge(change).await;
+        tracing::debug!(?change, targets = n, "evicted");
         n
     }
 
@@ -620,5 +625,90 @@ impl<T> Committed for (T, Written) {
 impl Committed for u64 {
     fn xid(&self) -> u64 {
         *self
+    }
+}
+
+#[cfg(test)]
+mod apply_hook_tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A node with cached tenant records whose database is never contacted (the pool connects
+    /// lazily).
+    fn node() -> Arc<Node> {
+        let config = Config::from_sources(None, |k| match k {
+            "DATABASE_URL" => Some("postgres://nobody@127.0.0.1:1/none".into()),
+            "OPENFHIR_CACHE_TENANT_TTL" => Some("-1".into()),
+            _ => None,
+        })
+        .expect("config");
+        Arc::new(Node::new(config).expect("node"))
+    }
+
+    #[tokio::test]
+    async fn the_apply_hook_runs_at_the_synchronous_invalidation_before_the_purge() {
+        let node = node();
+        let tenant = || async {
+            Ok(Tenant {
+                id: "t".into(),
+                name: "T".into(),
+                config: serde_json::Value::Null,
+                created: time::OffsetDateTime::UNIX_EPOCH,
+                updated: time::OffsetDateTime::UNIX_EPOCH,
+            })
+        };
+        node.caches()
+            .tenant
+            .get_or_load("t", None, tenant)
+            .await
+            .unwrap();
+        assert!(node.caches().tenant.contains("t", None).await);
+
+        // What the hook saw: how often it ran, whether the entry was still servable, and
+        // whether it was still held (not purged yet).
+        let calls = Arc::new(AtomicUsize::new(0));
+        let servable = Arc::new(AtomicUsize::new(0));
+        let held = Arc::new(AtomicUsize::new(0));
+        let weak = Arc::downgrade(&node);
+        let (c, sv, h) = (calls.clone(), servable.clone(), held.clone());
+        node.set_apply_hook(Some(Arc::new(move |_: &Change| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let n = weak.upgrade().expect("node alive");
+            let still = n
+                .caches()
+                .tenant
+                .contains("t", None)
+                .now_or_never()
+                .expect("a cache lookup does not wait");
+            if still {
+                sv.fetch_add(1, Ordering::SeqCst);
+            }
+            if n.caches().tenant.holds("t", None) {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
+        })));
+        let change = Change::Tenant {
+            tenant: "t".into(),
+            deleted: false,
+        };
+        assert_eq!(node.apply(&change).await, 1);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the hook runs once per apply"
+        );
+        assert_eq!(
+            servable.load(Ordering::SeqCst),
+            0,
+            "when the hook runs, no read can be served the old entry any more"
+        );
+        assert_eq!(
+            held.load(Ordering::SeqCst),
+            1,
+            "the hook does not wait for moka's purge"
+        );
+        assert!(!node.caches().tenant.contains("t", None).await);
+        assert!(!node.caches().tenant.holds("t", None), "purged by the end");
     }
 }

@@ -393,6 +393,12 @@ impl Caches {
         // Every target becomes unservable before the first await, so a caller cancelled
         // half-way cannot leave one of them stale; purging only frees memory.
         self.invalidate_now(change);
+        self.purge(change).await
+    }
+
+    /// The asynchronous half of [`Caches::apply`]: drops the entries [`Caches::invalidate_now`]
+    /// made unservable, freeing their memory. Returns how many (cache, scope) pairs it purged.
+    pub async fn purge(&self, change: &Change) -> usize {
         let t = targets(change);
         for (cache, scope) in &t {
             match cache {

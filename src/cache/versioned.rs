@@ -343,6 +343,15 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
         matches!(inner.get(&key).await, Some(e) if e.stamp == self.gens.stamp(slots))
     }
 
+    /// True while moka still holds an entry for the key, servable or not (tests: has it been
+    /// purged yet?).
+    #[cfg(test)]
+    pub(crate) fn holds(&self, tenant: &str, id: Option<&str>) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|inner| inner.contains_key(&cache_key(tenant, id)))
+    }
+
     /// Current statistics. Runs moka's pending maintenance first so counts are up to date.
     pub async fn stats(&self) -> StatsSnapshot {
         let entries = match &self.inner {
