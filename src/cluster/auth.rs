@@ -52,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::wire::{
     read_frame, write_frame, Envelope, Hello, Message, Nonce, Proof, Reject, RejectReason, Tag,
-    Welcome, WireError, MAGIC, MAX_FRAME, PROTOCOL, TAG_LEN,
+    Welcome, WireError, FRAME_HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL, TAG_LEN,
 };
 
 type HmacSha256 = Hmac<Sha256>;
@@ -350,6 +350,29 @@ impl Sealer {
     /// Fails, without using a sequence number, when `json` is empty or the result would exceed
     /// [`MAX_FRAME`].
     pub fn seal(&mut self, json: &[u8]) -> Result<Vec<u8>, WireError> {
+        let mut out = Vec::new();
+        self.seal_into(json, &mut out)?;
+        Ok(out)
+    }
+
+    /// The whole frame for `json`: the frame header ([`FRAME_HEADER_LEN`] bytes) and the payload
+    /// [`Sealer::seal`] makes, in one buffer, ready to write. Fails like [`Sealer::seal`].
+    pub fn seal_frame(&mut self, json: &[u8]) -> Result<Vec<u8>, WireError> {
+        let mut out = Vec::with_capacity(FRAME_HEADER_LEN + SEAL_OVERHEAD + json.len());
+        out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+        self.seal_into(json, &mut out)?;
+        // `seal_into` refused anything over MAX_FRAME, so the length fits a u32.
+        let len = u32::try_from(out.len() - FRAME_HEADER_LEN).map_err(|_| WireError::TooLarge {
+            len: out.len() - FRAME_HEADER_LEN,
+            max: MAX_FRAME,
+        })?;
+        out[..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        Ok(out)
+    }
+
+    /// Appends the payload [`Sealer::seal`] makes to `out`; on failure nothing is appended and no
+    /// sequence number is used.
+    fn seal_into(&mut self, json: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
         if json.is_empty() {
             return Err(WireError::Empty);
         }
@@ -360,7 +383,8 @@ impl Sealer {
                     max: MAX_FRAME,
                 });
             }
-            return Ok(json.to_vec());
+            out.extend_from_slice(json);
+            return Ok(());
         };
         let len = json.len().saturating_add(SEAL_OVERHEAD);
         if len > MAX_FRAME {
@@ -375,12 +399,12 @@ impl Sealer {
             .ok_or(WireError::SeqExhausted)?;
         let seq_bytes = seq.to_be_bytes();
         let mac = tag(&key.0, &[&[self.direction.byte()], &seq_bytes, json]);
-        let mut out = Vec::with_capacity(len);
+        out.reserve(len);
         out.extend_from_slice(&mac);
         out.extend_from_slice(&seq_bytes);
         out.extend_from_slice(json);
         self.last_seq = seq;
-        Ok(out)
+        Ok(())
     }
 
     /// Encodes, seals and writes `envelope` as one frame.
