@@ -1,10 +1,11 @@
 //! The cluster handle a [`Node`](crate::node::Node) holds: per-peer send queues, the broadcast
 //! sequence, membership, and the counters `/cluster` and `/metrics` show.
 //!
-//! Everything here is synchronous and never waits on a peer: [`Cluster::broadcast`] puts one
-//! encoded message into every peer's bounded queue with `try_send` and returns. A full queue
-//! drops the message for that peer only and marks it as having missed messages; the peer then
-//! sees a gap in the sequence numbers and catches up from the database.
+//! Everything here is synchronous and never waits on a peer: [`Cluster::broadcast`] writes one
+//! encoded message to every idle peer's socket without blocking, or puts it into the peer's
+//! bounded queue (see [`super::pipe`]), and returns. A full queue drops the message for that peer
+//! only and marks it as having missed messages; the peer then sees a gap in the sequence numbers
+//! and catches up from the database.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -13,34 +14,24 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::discovery::{self, Addrs};
 use super::membership::{Membership, PeerReport, Rejected, Timing};
+use super::pipe::{Offered, Pipe};
 use super::wire::{Envelope, Invalidate, Message};
 use super::ClusterSecret;
 use crate::cache::Change;
 use crate::config::{ClusterConfig, Discovery};
-
-/// What a peer's writer task sends.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    /// An encoded [`Invalidate`] envelope and its sequence number.
-    Invalidate { seq: u64, json: Arc<[u8]> },
-    /// Say goodbye, then close.
-    Leave,
-}
 
 /// One established outgoing connection, as the broadcaster sees it.
 #[derive(Debug)]
 pub(crate) struct Link {
     /// Distinguishes this connection from a later one to the same node.
     pub id: u64,
-    pub tx: mpsc::Sender<Outgoing>,
-    /// The highest sequence number dropped for this peer: its writer's heartbeats report it, so
-    /// the peer notices the loss even when nothing follows.
-    pub dropped_hi: Arc<AtomicU64>,
+    /// The connection, its queue and its writer task's state.
+    pub pipe: Arc<Pipe>,
 }
 
 /// Membership, links and the broadcast sequence, under one lock so that a link registered at
@@ -225,20 +216,17 @@ impl Cluster {
                 return seq;
             }
         };
-        let mut dropped = Vec::new();
-        for (id, link) in &st.links {
-            let msg = Outgoing::Invalidate {
-                seq,
-                json: json.clone(),
-            };
-            if link.tx.try_send(msg).is_err() {
-                link.dropped_hi.fetch_max(seq, Ordering::Relaxed);
-                dropped.push(id.clone());
+        // Still under the lock: broadcasts reach each peer in sequence order.
+        let State { members, links, .. } = &mut *st;
+        for (id, link) in links.iter() {
+            match link.pipe.offer(seq, &json) {
+                Offered::Written => members.sent(id, 1),
+                Offered::Handed => {}
+                Offered::Dropped => {
+                    members.dropped(id);
+                    tracing::debug!(peer = %id, seq, "peer queue full; invalidation dropped for it");
+                }
             }
-        }
-        for id in dropped {
-            st.members.dropped(&id);
-            tracing::debug!(peer = %id, seq, "peer queue full; invalidation dropped for it");
         }
         seq
     }
@@ -246,19 +234,19 @@ impl Cluster {
     /// Asks every connected peer to drop this node at once, waiting at most `wait` for the
     /// goodbyes to be written, then stops every cluster task.
     pub async fn leave(&self, wait: Duration) {
-        let links: Vec<mpsc::Sender<Outgoing>> = self
+        let links: Vec<Arc<Pipe>> = self
             .shared
             .lock()
             .links
             .values()
-            .map(|l| l.tx.clone())
+            .map(|l| l.pipe.clone())
             .collect();
-        for tx in &links {
+        for pipe in &links {
             // A peer whose queue is full will see the connection close instead.
-            let _ = tx.try_send(Outgoing::Leave);
+            let _ = pipe.leave();
         }
         let deadline = Instant::now() + wait;
-        while Instant::now() < deadline && links.iter().any(|tx| !tx.is_closed()) {
+        while Instant::now() < deadline && links.iter().any(|p| !p.is_closed()) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.shared.cancel.cancel();

@@ -11,7 +11,8 @@
 //!   behind one short lock that is never held across an await; [`Cluster::broadcast`] never waits.
 //! * [`transport`](start): the tasks. The listener accepts and authenticates peers and reads their
 //!   frames; one dialer per discovered address keeps a sending connection up, with backoff; each
-//!   sending connection has its own writer task that drains its queue and sends heartbeats; a
+//!   sending connection has its own writer task that drains its queue and sends heartbeats (a
+//!   broadcast to an idle link writes the socket itself, without the hop, see `pipe`); a
 //!   failure detector moves silent peers to suspect and gone; a gap-repair task runs a database
 //!   catch-up step when a peer's sequence numbers skip.
 //! * [`discovery`]: `MULTICAST`, `DNS` and `TCP`, each a task publishing the addresses it knows.
@@ -30,14 +31,15 @@
 //!
 //! # Why two connections per pair
 //! A node sends only on connections it dialed and receives only on connections it accepted.
-//! Each writer task then owns its socket outright (ordering for free, no lock on the send path),
-//! and a peer that connected to us is dialed back at its advertised address, so discovery that
-//! works in one direction is enough.
+//! Each sending socket then has one short lock that orders everything written to it (the
+//! broadcaster's direct writes and its writer task's), and a peer that connected to us is dialed
+//! back at its advertised address, so discovery that works in one direction is enough.
 
 pub mod auth;
 pub mod broadcast;
 pub mod discovery;
 pub mod membership;
+mod pipe;
 mod transport;
 pub mod wire;
 

@@ -1,29 +1,28 @@
 //! The cluster channel's tasks: listening, dialing, sending, receiving.
 //!
 //! Each pair of nodes uses two TCP connections, one per direction: a node sends only on the
-//! connections it dialed and receives only on the ones it accepted. The sender's writer task
-//! owns its connection (no lock on the write path, ordered by construction), and a peer that
-//! connects to us is dialed back at the address it advertised, so discovery only has to work one
-//! way.
+//! connections it dialed and receives only on the ones it accepted. A broadcast writes an idle
+//! connection itself; otherwise the connection's writer task sends it from the queue (see
+//! `super::pipe` for how the two keep order). A peer that connects to us is dialed back at the
+//! address it advertised, so discovery only has to work one way.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{self, HandshakeError, Identity, Opener, Peer, Sealer};
-use super::broadcast::{Link, Outgoing, Shared};
+use super::auth::{self, HandshakeError, Identity, Opener, Peer};
+use super::broadcast::{Link, Shared};
 use super::discovery::{self, Addrs};
 use super::membership::SeqCheck;
+use super::pipe::{Job, Pipe};
 use super::wire::{
-    encode_frame, read_frame, Envelope, Heartbeat, Leave, Message, RejectReason, WireError,
-    MAX_FRAME,
+    Envelope, FrameReader, Heartbeat, Leave, Message, RejectReason, WireError, MAX_FRAME,
 };
 use crate::config::Discovery;
 use crate::error::{Error, Result};
@@ -384,20 +383,35 @@ async fn receive(
 ) -> std::result::Result<(), WireError> {
     let s = node.cluster().shared.clone();
     let silence = s.timing.gone_after;
+    let mut frames = FrameReader::new(MAX_FRAME);
+    // One timer for the silence limit, re-armed only when it fires (at most once per `silence`)
+    // rather than a fresh timer per frame: a frame only records when it arrived.
+    let mut last = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(silence);
+    tokio::pin!(idle);
     loop {
-        let frame = match tokio::time::timeout(silence, read_frame(stream, MAX_FRAME)).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(WireError::Closed)) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(WireError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("nothing heard for {} ms", silence.as_millis()),
-                )))
+        let frame = tokio::select! {
+            biased;
+            r = frames.next(stream) => match r {
+                Ok(f) => f,
+                Err(WireError::Closed) => return Ok(()),
+                Err(e) => return Err(e),
+            },
+            () = &mut idle => {
+                let deadline = last + silence;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(WireError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("nothing heard for {} ms", silence.as_millis()),
+                    )));
+                }
+                idle.as_mut().reset(deadline);
+                continue;
             }
         };
+        last = tokio::time::Instant::now();
+        let now = last.into_std();
         let env = Envelope::decode(opener.open(&frame)?, &s.config.name)?;
-        let now = Instant::now();
         match env.body {
             Message::Invalidate(inv) if inv.origin == peer.node_id => {
                 let check = {
@@ -616,29 +630,31 @@ async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationTo
         }
     };
     let (peer, sealer, _opener) = session.into_parts();
-    let (tx, rx) = mpsc::channel(s.config.send_queue);
-    let dropped_hi = Arc::new(AtomicU64::new(0));
+    // The broadcaster writes to the write half directly; the read half is only kept open (a
+    // sending connection never reads after the handshake). Dropping the write half, when the
+    // link is gone, shuts the connection down.
+    let (read_half, write_half) = stream.into_split();
     let registered = {
         let mut st = s.lock();
         if st.links.contains_key(&peer.node_id) {
             None
         } else {
             let link_id = st.next_link_id();
+            let pipe = Arc::new(Pipe::new(write_half, sealer, s.config.send_queue, st.seq));
             st.links.insert(
                 peer.node_id.clone(),
                 Link {
                     id: link_id,
-                    tx,
-                    dropped_hi: dropped_hi.clone(),
+                    pipe: pipe.clone(),
                 },
             );
             let known = peer_addr(&peer, addr.ip()).unwrap_or(addr);
             st.members
                 .outbound_up(&peer.node_id, known, &peer.version, Instant::now());
-            Some((link_id, st.seq))
+            Some((link_id, pipe))
         }
     };
-    let Some((link_id, start_seq)) = registered else {
+    let Some((link_id, pipe)) = registered else {
         tracing::debug!(%addr, peer = %peer.node_id, "already sending to this node over another address");
         return Dialed::Refused;
     };
@@ -646,11 +662,10 @@ async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationTo
     let writer = Writer {
         s: s.clone(),
         peer: peer.node_id.clone(),
-        sealer,
-        dropped_hi,
-        hi: start_seq,
+        pipe,
     };
-    let (end, pending) = writer.run(&mut stream, rx, cancel).await;
+    let end = writer.run(cancel).await;
+    let pending = writer.pipe.close();
     {
         let mut st = s.lock();
         if st.links.get(&peer.node_id).is_some_and(|l| l.id == link_id) {
@@ -658,6 +673,8 @@ async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationTo
         }
         st.members.outbound_down(&peer.node_id, pending);
     }
+    drop(writer);
+    drop(read_half);
     match end {
         Ok(()) => {}
         Err(e) => {
@@ -670,106 +687,78 @@ async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationTo
 struct Writer {
     s: Arc<Shared>,
     peer: String,
-    sealer: Sealer,
-    dropped_hi: Arc<AtomicU64>,
-    /// The highest sequence number written (or, at first, the sequence when the link opened:
-    /// everything up to it was never queued for this peer).
-    hi: u64,
+    pipe: Arc<Pipe>,
 }
 
 impl Writer {
-    /// Sends until the queue closes, a Leave was sent, the task is cancelled, or a write fails.
-    /// Returns how it ended and whether messages were still queued.
-    async fn run(
-        mut self,
-        stream: &mut TcpStream,
-        mut rx: mpsc::Receiver<Outgoing>,
-        cancel: &CancellationToken,
-    ) -> (std::result::Result<(), WireError>, bool) {
+    /// Writes what the broadcaster queued or left unsent, and heartbeats, until a Leave was sent,
+    /// the task is cancelled, or a write fails.
+    async fn run(&self, cancel: &CancellationToken) -> std::result::Result<(), WireError> {
         // The first heartbeat tells the peer our sequence at connect time: a peer that was
-        // unreachable while we broadcast sees the gap at once.
-        if let Err(e) = self.heartbeat(stream).await {
-            return (Err(e), !rx.is_empty());
-        }
+        // unreachable while we broadcast sees the gap at once. The pipe starts reserved for this
+        // task, so it goes out before any broadcast.
+        self.heartbeat().await?;
         let mut tick = tokio::time::interval(self.s.timing.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
-            let r = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return (Ok(()), !rx.is_empty()),
-                m = rx.recv() => match m {
-                    Some(Outgoing::Invalidate { seq, json }) => {
-                        let r = self.write(stream, &json).await;
-                        self.hi = self.hi.max(seq);
-                        r
+            // Checked between frames too: a link kept busy must still stop when told.
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            match self.pipe.next_job()? {
+                Some(Job::Frame(frame)) => self.write(&frame).await?,
+                Some(Job::Leave) => return self.leave().await,
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = self.pipe.woken() => {}
+                        _ = tick.tick() => self.heartbeat().await?,
                     }
-                    Some(Outgoing::Leave) => {
-                        let r = self.leave(stream).await;
-                        return (r, !rx.is_empty());
-                    }
-                    None => return (Ok(()), false),
-                },
-                _ = tick.tick() => self.heartbeat(stream).await,
-            };
-            if let Err(e) = r {
-                return (Err(e), !rx.is_empty());
+                }
             }
         }
     }
 
-    async fn write(
-        &mut self,
-        stream: &mut TcpStream,
-        json: &[u8],
-    ) -> std::result::Result<(), WireError> {
-        let frame = encode_frame(&self.sealer.seal(json)?)?;
-        // A peer that stops reading (paused, partitioned) must not hold this task forever.
-        match tokio::time::timeout(self.s.timing.gone_after, stream.write_all(&frame)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(WireError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "peer stopped reading",
-                )))
-            }
-        }
+    async fn write(&self, frame: &[u8]) -> std::result::Result<(), WireError> {
+        self.pipe.write_all(frame, self.s.timing.gone_after).await?;
         self.s.lock().members.sent(&self.peer, 1);
         Ok(())
     }
 
-    async fn send(
-        &mut self,
-        stream: &mut TcpStream,
-        body: Message,
-    ) -> std::result::Result<(), WireError> {
-        let json = Envelope::new(self.s.config.name.clone(), body).encode()?;
-        self.write(stream, &json).await
+    /// Seals a message built with the sequence heartbeats report, behind everything sealed so
+    /// far, and writes it.
+    async fn send(&self, body: impl FnOnce(u64) -> Message) -> std::result::Result<(), WireError> {
+        let name = &self.s.config.name;
+        let frame = self
+            .pipe
+            .seal_with_seq(|seq| Envelope::new(name.clone(), body(seq)).encode())?;
+        self.write(&frame).await
     }
 
-    async fn heartbeat(&mut self, stream: &mut TcpStream) -> std::result::Result<(), WireError> {
-        let seq = self.hi.max(self.dropped_hi.load(Ordering::Relaxed));
-        let at_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let body = Message::Heartbeat(Heartbeat {
-            origin: self.s.node_id.clone(),
-            seq,
-            at_unix_ms,
-        });
-        self.send(stream, body).await
+    async fn heartbeat(&self) -> std::result::Result<(), WireError> {
+        let origin = self.s.node_id.clone();
+        self.send(|seq| {
+            let at_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            Message::Heartbeat(Heartbeat {
+                origin,
+                seq,
+                at_unix_ms,
+            })
+        })
+        .await
     }
 
-    async fn leave(&mut self, stream: &mut TcpStream) -> std::result::Result<(), WireError> {
+    async fn leave(&self) -> std::result::Result<(), WireError> {
         // A final heartbeat first, so the peer knows whether it missed anything.
-        self.heartbeat(stream).await?;
-        let body = Message::Leave(Leave {
-            origin: self.s.node_id.clone(),
-        });
-        self.send(stream, body).await?;
-        let _ = stream.shutdown().await;
-        Ok(())
+        self.heartbeat().await?;
+        let origin = self.s.node_id.clone();
+        self.send(|_| Message::Leave(Leave { origin })).await
+        // The write half shuts down when the pipe is dropped, after the link is removed.
     }
 }
 
