@@ -31,7 +31,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_invalidation_log.sql",
         sql: include_str!("../../sql/0002_invalidation_log.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_specialised_triggers.sql",
+        sql: include_str!("../../sql/0003_specialised_triggers.sql"),
+    },
 ];
+
+/// The first schema version whose triggers leave NOTIFY to a node that sets
+/// `openfhir.notify = 'deferred'` (and that has `openfhir_notify_transactions`).
+pub const DEFERRED_NOTIFY_SINCE: i32 = 3;
 
 /// The schema version this build needs.
 pub fn latest_version() -> i32 {
