@@ -35,6 +35,12 @@ impl Embedded {
     /// stop), stops the background tasks and closes the database pool. Writes that already
     /// returned have been broadcast; call this after the last one.
     pub async fn shutdown(mut self) {
+        // Writes that returned may still wait for their NOTIFY (sent after COMMIT).
+        self.node
+            .db()
+            .notifier()
+            .flush(self.node.db(), LEAVE_WAIT)
+            .await;
         self.node.cluster().leave(LEAVE_WAIT).await;
         self.stop_tasks();
     }
@@ -47,6 +53,7 @@ impl Embedded {
     }
 
     fn stop_tasks(&mut self) {
+        self.node.db().notifier().set_enabled(false);
         for t in self.tasks.drain(..) {
             t.abort();
         }
@@ -133,10 +140,19 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
     // The cursor starts at "now" before anything is cached or served: every later change is
     // then either seen by a load or replayed by catch-up.
     node.invalidator().init(&node).await?;
-    let mut background = Embedded {
-        tasks: spawn_invalidation(&node),
-        node,
-    };
+    let mut tasks = spawn_invalidation(&node);
+    if crate::store::migrate::current_version(&*node.db().conn().await?)
+        .await?
+        .is_some_and(|v| v >= crate::store::migrate::DEFERRED_NOTIFY_SINCE)
+    {
+        tasks.push(spawn_notifier(&node));
+    } else {
+        tracing::warn!(
+            "the schema predates deferred NOTIFY: this node's writes notify from the trigger \
+             (run `openfhir-cache migrate`)"
+        );
+    }
+    let mut background = Embedded { tasks, node };
     match crate::cluster::start(background.node.clone()).await {
         Ok(tasks) => background.tasks.extend(tasks),
         Err(e) => {
@@ -287,6 +303,19 @@ pub fn spawn_invalidation(node: &Arc<Node>) -> Vec<JoinHandle<()>> {
         }
     }));
     tasks
+}
+
+/// Starts the task that sends the NOTIFY of this node's own writes after their COMMIT, and from
+/// then on has the writes leave it to the task instead of the trigger (see
+/// [`crate::store::deferred`]). Needs schema version
+/// [`crate::store::migrate::DEFERRED_NOTIFY_SINCE`].
+pub fn spawn_notifier(node: &Arc<Node>) -> JoinHandle<()> {
+    let db = node.db().clone();
+    db.notifier().set_enabled(true);
+    tokio::spawn(async move {
+        let notifier = db.notifier().clone();
+        notifier.run(db).await;
+    })
 }
 
 /// Probes `GET {base}/health/live` with a plain HTTP/1.1 request (3 s limit); `Ok` on 200.

@@ -316,6 +316,9 @@ pub struct InvalidationReport {
     pub pending_positions: usize,
     /// Milliseconds since the last successful step.
     pub ms_since_last_catchup: Option<u64>,
+    /// NOTIFY of this node's own writes, sent after COMMIT (see [`crate::store::deferred`]);
+    /// filled by [`Node::invalidation_report`].
+    pub deferred_notify: crate::store::deferred::DeferredNotifyReport,
 }
 
 /// The database invalidation channel's state inside a node.
@@ -655,6 +658,7 @@ impl Invalidator {
             last_step_repaired: s.last_step_repaired.load(Ordering::Relaxed),
             pending_positions: pending,
             ms_since_last_catchup: (last > 0).then(|| now_ms().saturating_sub(last)),
+            deferred_notify: Default::default(),
         }
     }
 

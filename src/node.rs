@@ -94,6 +94,14 @@ impl Node {
         &self.invalidator
     }
 
+    /// The database invalidation channel's state, with the counters of this node's deferred
+    /// notifications.
+    pub fn invalidation_report(&self) -> crate::catchup::InvalidationReport {
+        let mut r = self.invalidator.report();
+        r.deferred_notify = self.db.notifier().report();
+        r
+    }
+
     /// Runs one catch-up step now.
     pub async fn catch_up(&self) -> Result<StepReport> {
         self.invalidator.step(self).await
@@ -165,6 +173,15 @@ impl Node {
         match write.await {
             Ok(v) => {
                 self.invalidator.own_write(v.xid());
+                // The trigger left this transaction's NOTIFY to the node (a transaction that
+                // notifies commits only one at a time): queue it now that it committed, after
+                // `own_write`, so this node's own listener recognises the echo. If it is never
+                // sent, nothing is lost: the peer broadcast below and every node's catch-up
+                // deliver the change too (see `store::deferred`).
+                let notifier = self.db.notifier();
+                if notifier.enabled() {
+                    notifier.push(v.xid());
+                }
                 let change = guard.committed().await;
                 // After COMMIT and the local eviction: a peer that reloads on receipt reads
                 // the new row. Never waits on a peer.

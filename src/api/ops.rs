@@ -23,7 +23,7 @@ pub async fn cluster(State(node): State<AppState>) -> Json<serde_json::Value> {
             "version": env!("CARGO_PKG_VERSION"),
         },
         "cluster": node.cluster().report(),
-        "invalidation": node.invalidator().report(),
+        "invalidation": node.invalidation_report(),
     }))
 }
 
@@ -180,7 +180,7 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
             r.ttl
         );
     }
-    let inv = node.invalidator().report();
+    let inv = node.invalidation_report();
     let counters = [
         (
             "openfhir_invalidation_notifications_total",
@@ -231,6 +231,16 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
             "openfhir_invalidation_own_writes_total",
             "Invalidations of this node's own writes (already applied by its write path).",
             inv.own_writes,
+        ),
+        (
+            "openfhir_invalidation_deferred_notifications_total",
+            "NOTIFY of this node's own writes sent after COMMIT (one per log row).",
+            inv.deferred_notify.sent,
+        ),
+        (
+            "openfhir_invalidation_deferred_notify_failures_total",
+            "Own writes whose NOTIFY could not be sent (peer channel and catch-up cover them).",
+            inv.deferred_notify.failed + inv.deferred_notify.dropped,
         ),
     ];
     for (name, help, v) in counters {

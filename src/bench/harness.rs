@@ -347,14 +347,12 @@ impl Harness {
         } else if self.in_place {
             let c = self.sql().await?;
             c.batch_execute(&format!(
-                "DROP TABLE IF EXISTS {plain}, {tracked}, {log_only}; \
-                 DROP FUNCTION IF EXISTS {function}(); \
+                "{drop} \
+                 DROP TABLE IF EXISTS openfhir_bench_upsert_log_only; \
+                 DROP FUNCTION IF EXISTS openfhir_bench_log_only_row(); \
                  DELETE FROM tenant WHERE id = '{t}'; \
                  DELETE FROM openfhir_invalidation_log WHERE tenant = '{t}';",
-                plain = super::write::PLAIN_TABLE,
-                tracked = super::write::TRACKED_TABLE,
-                log_only = super::write::LOG_ONLY_TABLE,
-                function = super::write::LOG_ONLY_FUNCTION,
+                drop = super::write::DROP_TABLES,
                 t = self.tenant
             ))
             .await

@@ -694,9 +694,11 @@ fn scale_md(sc: &ScaleReport) -> String {
 
 fn write_md(w: &WriteReport) -> String {
     let mut s = format!(
-        "## Write path\n\nThe node's OPT upsert (autocommit) on three identical copies of `opt`: \
-         without triggers, with a trigger that writes the log row but sends no NOTIFY, and with the \
-         production triggers (log row + NOTIFY); one node LISTENs. {:.1} s per cell in two halves; \
+        "## Write path\n\nThe node's OPT upsert (autocommit) on two identical copies of `opt`, \
+         one without triggers and one under invalidation: no triggers; the log row only (NOTIFY \
+         deferred and never sent); a node's write as in production (log row, NOTIFY sent after \
+         COMMIT by the node's notifier task); a plain-SQL write (log row, NOTIFY from the trigger \
+         inside the transaction). One node LISTENs. {:.1} s per cell in two halves; \
          fsync {}, synchronous_commit {}. Overheads are against no triggers.\n\n| OPT size | writers | \
          variant | p50 | p99 | rate | p50 overhead | p99 overhead | throughput overhead |\n\
          |---|---|---|---|---|---|---|---|---|\n",

@@ -1,8 +1,12 @@
-//! Scenario 5, the write path: the OPT upsert the node runs, on three identical copies of the
-//! `opt` table (same columns, primary key and foreign key): one with the invalidation triggers
-//! exactly as `opt` has them (log row plus NOTIFY), one whose trigger writes the log row but sends
-//! no NOTIFY (to tell the two costs apart), and one without triggers; 1 and 8 concurrent writers,
-//! a small (1 KB) and the growth-chart (33 KB) OPT. A node LISTENs meanwhile, as in production.
+//! Scenario 5, the write path: the OPT upsert the node runs (`store::opt_write_sql`, the same
+//! statement), on two identical copies of the `opt` table (same columns, primary key and foreign
+//! key): one without triggers, one put under invalidation with `openfhir_track_table` exactly as
+//! `opt` is. Four variants: no triggers; the log row only (the write defers NOTIFY and nobody sends
+//! it, to tell the costs apart); production, as a node writes: the log row, NOTIFY deferred and
+//! sent after COMMIT by a running node's notifier task (`store::deferred`); and a plain-SQL write
+//! (psql, a script), whose NOTIFY the trigger sends inside the transaction. 1 and 8 concurrent
+//! writers, a small (1 KB) and the growth-chart (33 KB) OPT. A node LISTENs meanwhile, as in
+//! production.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,41 +21,58 @@ use super::{data, BenchError, BenchResult};
 pub const PLAIN_TABLE: &str = "openfhir_bench_upsert_plain";
 /// The copy with the invalidation triggers.
 pub const TRACKED_TABLE: &str = "openfhir_bench_upsert_tracked";
-/// The copy whose trigger logs without NOTIFY.
-pub const LOG_ONLY_TABLE: &str = "openfhir_bench_upsert_log_only";
-/// The trigger function of [`LOG_ONLY_TABLE`] (bench database only).
-pub const LOG_ONLY_FUNCTION: &str = "openfhir_bench_log_only_row";
+/// Drops both copies, and the trigger function `openfhir_track_table` generated for the tracked one.
+pub const DROP_TABLES: &str =
+    "SELECT openfhir_untrack_table(to_regclass('openfhir_bench_upsert_tracked')); \
+     DROP TABLE IF EXISTS openfhir_bench_upsert_plain, openfhir_bench_upsert_tracked;";
 
-/// What the table's triggers do.
+/// What the table's triggers do and who sends the NOTIFY.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
     /// No triggers.
     Plain,
-    /// The log row only (the production trigger minus `pg_notify`).
+    /// The log row only: the write defers NOTIFY and nobody sends it.
     LogOnly,
-    /// The production triggers: log row and NOTIFY.
+    /// Production, a node's write: the log row, NOTIFY deferred and sent after COMMIT by the
+    /// listening node's notifier task.
     LogAndNotify,
+    /// A plain-SQL write (not through a node): the log row and NOTIFY from the trigger, inside the
+    /// transaction.
+    SqlNotify,
 }
 
 impl Variant {
     /// Every variant, in report order.
-    pub const ALL: [Variant; 3] = [Variant::Plain, Variant::LogOnly, Variant::LogAndNotify];
+    pub const ALL: [Variant; 4] = [
+        Variant::Plain,
+        Variant::LogOnly,
+        Variant::LogAndNotify,
+        Variant::SqlNotify,
+    ];
 
     /// Display name.
     pub fn label(self) -> &'static str {
         match self {
             Variant::Plain => "no triggers",
             Variant::LogOnly => "log row, no NOTIFY",
-            Variant::LogAndNotify => "log row + NOTIFY",
+            Variant::LogAndNotify => "node write: log row + NOTIFY after COMMIT",
+            Variant::SqlNotify => "plain SQL: log row + NOTIFY in the trigger",
         }
     }
 
     fn table(self) -> &'static str {
         match self {
             Variant::Plain => PLAIN_TABLE,
-            Variant::LogOnly => LOG_ONLY_TABLE,
-            Variant::LogAndNotify => TRACKED_TABLE,
+            _ => TRACKED_TABLE,
+        }
+    }
+
+    /// `openfhir.notify` for the write.
+    fn setting(self) -> &'static str {
+        match self {
+            Variant::LogOnly | Variant::LogAndNotify => crate::store::deferred::DEFERRED,
+            Variant::Plain | Variant::SqlNotify => "",
         }
     }
 }
@@ -113,17 +134,12 @@ pub struct WriteReport {
 pub async fn run(h: &Harness) -> BenchResult<WriteReport> {
     let db = h.sql().await?;
     db.batch_execute(&format!(
-        "DROP TABLE IF EXISTS {PLAIN_TABLE}, {TRACKED_TABLE}, {LOG_ONLY_TABLE};
+        "{DROP_TABLES}
          CREATE TABLE {PLAIN_TABLE} (LIKE opt INCLUDING ALL);
          ALTER TABLE {PLAIN_TABLE} ADD FOREIGN KEY (tenant) REFERENCES tenant (id) ON DELETE CASCADE;
          CREATE TABLE {TRACKED_TABLE} (LIKE opt INCLUDING ALL);
          ALTER TABLE {TRACKED_TABLE} ADD FOREIGN KEY (tenant) REFERENCES tenant (id) ON DELETE CASCADE;
-         SELECT openfhir_track_table('{TRACKED_TABLE}', 'opt', 'tenant', ARRAY['template_id']);
-         CREATE TABLE {LOG_ONLY_TABLE} (LIKE opt INCLUDING ALL);
-         ALTER TABLE {LOG_ONLY_TABLE} ADD FOREIGN KEY (tenant) REFERENCES tenant (id) ON DELETE CASCADE;
-         {LOG_ONLY_SQL}
-         CREATE TRIGGER openfhir_bench_log_only AFTER INSERT OR UPDATE OR DELETE ON {LOG_ONLY_TABLE}
-             FOR EACH ROW EXECUTE FUNCTION {LOG_ONLY_FUNCTION}('opt', 'tenant', 'template_id');"
+         SELECT openfhir_track_table('{TRACKED_TABLE}', 'opt', 'tenant', ARRAY['template_id']);"
     ))
     .await
     .map_err(sql("create the upsert tables".into()))?;
@@ -180,29 +196,34 @@ pub async fn run(h: &Harness) -> BenchResult<WriteReport> {
             ],
         ),
     ];
+    // Production: the listening node's own notifier task sends the deferred NOTIFY.
+    let notifier = listener.fleet().node(0).db().clone();
     let half = h.sizes.write_cell / 2;
-    let bar = h
-        .progress
-        .bar("write", (payloads.len() * WRITERS.len() * 6) as u64);
+    let n_variants = Variant::ALL.len();
+    let bar = h.progress.bar(
+        "write",
+        (payloads.len() * WRITERS.len() * 2 * n_variants) as u64,
+    );
     let mut cells = Vec::new();
     let mut overhead = Vec::new();
     for (bytes, contents) in &payloads {
         for writers in WRITERS {
-            let mut rec = [Recorder::new(), Recorder::new(), Recorder::new()];
-            let mut ops = [0u64; 3];
-            let mut secs = [0f64; 3];
+            let mut rec: Vec<Recorder> = Variant::ALL.iter().map(|_| Recorder::new()).collect();
+            let mut ops = vec![0u64; n_variants];
+            let mut secs = vec![0f64; n_variants];
             // Two halves, the second in reverse order, so drift (autovacuum, checkpoints, other
             // load) hits every variant alike.
             for round in 0..2 {
-                for i in 0..3 {
-                    let slot = if round == 0 { i } else { 2 - i };
+                for i in 0..n_variants {
+                    let slot = if round == 0 { i } else { n_variants - 1 - i };
                     let v = Variant::ALL[slot];
                     bar.set_message(format!(
                         "{} KB, {writers} writer(s), {}",
                         bytes / 1024,
                         v.label()
                     ));
-                    let (r, n, s) = upserts(h, v.table(), writers, contents, half).await?;
+                    let notify = (v == Variant::LogAndNotify).then_some(&notifier);
+                    let (r, n, s) = upserts(h, v, notify, writers, contents, half).await?;
                     rec[slot].merge(&r);
                     ops[slot] += n;
                     secs[slot] += s;
@@ -237,12 +258,9 @@ pub async fn run(h: &Harness) -> BenchResult<WriteReport> {
     }
     bar.finish_and_clear();
     listener.stop().await;
-    db.batch_execute(&format!(
-        "DROP TABLE IF EXISTS {PLAIN_TABLE}, {TRACKED_TABLE}, {LOG_ONLY_TABLE}; \
-         DROP FUNCTION IF EXISTS {LOG_ONLY_FUNCTION}();"
-    ))
-    .await
-    .map_err(sql("drop the upsert tables".into()))?;
+    db.batch_execute(DROP_TABLES)
+        .await
+        .map_err(sql("drop the upsert tables".into()))?;
     Ok(WriteReport {
         cell_secs: h.sizes.write_cell.as_secs_f64(),
         cells,
@@ -252,22 +270,20 @@ pub async fn run(h: &Harness) -> BenchResult<WriteReport> {
     })
 }
 
-/// `writers` connections upserting into `table` for `d`; every key is written once first
-/// (so the measured upserts are updates, as replacing an uploaded OPT is).
+/// `writers` connections upserting into the variant's table for `d`; every key is written once
+/// first (so the measured upserts are updates, as replacing an uploaded OPT is). With `notify`,
+/// each committed write is handed to that node's deferred notifier, as `Node::write` does.
 async fn upserts(
     h: &Harness,
-    table: &str,
+    variant: Variant,
+    notify: Option<&crate::store::Db>,
     writers: usize,
     contents: &[Arc<str>; 2],
     d: Duration,
 ) -> BenchResult<(Recorder, u64, f64)> {
-    let statement = format!(
-        "INSERT INTO {table} (tenant, template_id, original_template_id, content) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (tenant, template_id) DO UPDATE SET original_template_id = EXCLUDED.original_template_id, \
-         content = EXCLUDED.content, updated = now() \
-         RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, \
-         updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid"
-    );
+    let table = variant.table();
+    let setting = variant.setting();
+    let statement = crate::store::opt_write_sql(table, crate::store::WriteMode::Upsert);
     let mut conns = Vec::with_capacity(writers);
     for w in 0..writers {
         let c = h.sql().await?;
@@ -277,7 +293,7 @@ async fn upserts(
             .map_err(sql(format!("prepare the upsert into {table}")))?;
         let keys: Vec<String> = (0..KEYS_PER_WRITER).map(|j| format!("w{w}_{j}")).collect();
         for key in &keys {
-            upsert(&c, &stmt, &h.tenant, key, &contents[0]).await?;
+            upsert(&c, &stmt, &h.tenant, key, &contents[0], setting).await?;
         }
         conns.push((c, stmt, keys));
     }
@@ -288,6 +304,7 @@ async fn upserts(
         .map(|(c, stmt, keys)| {
             let tenant = h.tenant.clone();
             let contents = contents.clone();
+            let notifier = notify.map(|db| db.notifier().clone());
             tokio::spawn(async move {
                 let mut r = Recorder::new();
                 let mut n = 0u64;
@@ -298,8 +315,19 @@ async fn upserts(
                     }
                     let k = n as usize;
                     let content = &contents[1 - (k / KEYS_PER_WRITER) % 2];
-                    upsert(&c, &stmt, &tenant, &keys[k % KEYS_PER_WRITER], content).await?;
+                    let xid = upsert(
+                        &c,
+                        &stmt,
+                        &tenant,
+                        &keys[k % KEYS_PER_WRITER],
+                        content,
+                        setting,
+                    )
+                    .await?;
                     r.record(t.elapsed());
+                    if let Some(n) = &notifier {
+                        n.push(xid);
+                    }
                     n += 1;
                 }
                 Ok::<_, BenchError>((r, n))
@@ -318,49 +346,20 @@ async fn upserts(
     Ok((all, ops, start.elapsed().as_secs_f64()))
 }
 
+/// One upsert; returns its transaction id.
 async fn upsert(
     c: &tokio_postgres::Client,
     stmt: &tokio_postgres::Statement,
     tenant: &str,
     key: &str,
     content: &str,
-) -> BenchResult<()> {
-    c.query_one(stmt, &[&tenant, &key, &key, &content])
+    setting: &str,
+) -> BenchResult<u64> {
+    let row = c
+        .query_one(stmt, &[&tenant, &key, &key, &content, &setting])
         .await
-        .map(drop)
-        .map_err(sql("upsert".into()))
+        .map_err(sql("upsert".into()))?;
+    let xid: String = row.get("xid");
+    xid.parse()
+        .map_err(|_| BenchError::Setup(format!("the upsert returned xid {xid:?}")))
 }
-
-/// The production row trigger (`openfhir_invalidation_row` and `openfhir_log_invalidation` in
-/// `sql/0002_invalidation_log.sql`) with the same log row but without the `pg_notify`.
-const LOG_ONLY_SQL: &str = r#"
-CREATE OR REPLACE FUNCTION openfhir_bench_log_only_row() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    v_group   text := TG_ARGV[0];
-    v_tcol    text := TG_ARGV[1];
-    v_kcols   text[] := string_to_array(TG_ARGV[2], ',');
-    v_old     jsonb;
-    v_new     jsonb;
-    v_old_key text;
-    v_new_key text;
-    v_origin  text := NULLIF(current_setting('openfhir.origin', true), '');
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        v_old := to_jsonb(OLD);
-        SELECT string_agg(v_old ->> trim(c), ':' ORDER BY o) INTO v_old_key
-          FROM unnest(v_kcols) WITH ORDINALITY AS u(c, o);
-        INSERT INTO openfhir_invalidation_log (cache_group, tenant, key, operation, origin)
-        VALUES (v_group, v_old ->> v_tcol, v_old_key, TG_OP, v_origin);
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        v_new := to_jsonb(NEW);
-        SELECT string_agg(v_new ->> trim(c), ':' ORDER BY o) INTO v_new_key
-          FROM unnest(v_kcols) WITH ORDINALITY AS u(c, o);
-        IF TG_OP = 'INSERT' OR (v_new ->> v_tcol, v_new_key) IS DISTINCT FROM (v_old ->> v_tcol, v_old_key) THEN
-            INSERT INTO openfhir_invalidation_log (cache_group, tenant, key, operation, origin)
-            VALUES (v_group, v_new ->> v_tcol, v_new_key, TG_OP, v_origin);
-        END IF;
-    END IF;
-    RETURN NULL;
-END $$;
-"#;

@@ -1,8 +1,12 @@
 //! PostgreSQL: the connection pool, migrations and the repositories of every table.
 //!
 //! Every write runs in one statement (or one transaction) and returns only after COMMIT; callers
-//! evict caches after that.
+//! evict caches after that. Each write statement also sets `openfhir.notify` for its own
+//! transaction (see [`deferred`]): while a node runs its notifier, the invalidation trigger leaves
+//! the NOTIFY to it, and the caller must [`DeferredNotify::push`] the returned transaction id
+//! ([`crate::node::Node`] does).
 
+pub mod deferred;
 pub mod migrate;
 
 use std::str::FromStr;
@@ -17,6 +21,7 @@ use tokio_postgres::{NoTls, Row};
 use crate::config::DatabaseConfig;
 use crate::domain::{FcDocument, FcFormat, FcKind, OptDocument, ParsedFc, Template, Tenant};
 use crate::error::{Error, Result};
+use deferred::DeferredNotify;
 
 /// How long a request waits for a pooled connection, or for a new one to be made, before it
 /// fails with "database unavailable" (503) instead of hanging.
@@ -65,6 +70,34 @@ pub struct OptSummary {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    notifier: Arc<DeferredNotify>,
+}
+
+/// `FROM` item that sets `openfhir.notify` for the statement's transaction to parameter `$n`
+/// (`'deferred'` or empty). A volatile subquery is evaluated before the statement's AFTER
+/// triggers run, and never flattened away.
+fn notify_setting(n: u8) -> String {
+    format!("(SELECT set_config('openfhir.notify', ${n}, true)) AS openfhir_notify")
+}
+
+/// The OPT write the node runs, into `table` (`opt`; the write benchmark passes copies of it).
+/// Parameters: tenant, normalized id, original id, XML, `openfhir.notify`.
+pub fn opt_write_sql(table: &str, mode: WriteMode) -> String {
+    let (conflict, inserted) = match mode {
+        WriteMode::Create => ("DO NOTHING", "true"),
+        WriteMode::Upsert => (
+            "DO UPDATE SET original_template_id = EXCLUDED.original_template_id, \
+             content = EXCLUDED.content, updated = now()",
+            "(xmax = 0)",
+        ),
+    };
+    format!(
+        "INSERT INTO {table} (tenant, template_id, original_template_id, content) \
+         SELECT $1, $2, $3, $4 FROM {} ON CONFLICT (tenant, template_id) {conflict} \
+         RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, \
+         created, updated, {inserted} AS inserted, pg_current_xact_id()::text AS xid",
+        notify_setting(5)
+    )
 }
 
 /// Which FHIR Connect table.
@@ -170,7 +203,15 @@ impl Db {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| Error::invalid("cannot build the database pool", e.to_string()))?;
-        Ok(Db { pool })
+        Ok(Db {
+            pool,
+            notifier: Arc::default(),
+        })
+    }
+
+    /// The queue of this node's committed writes whose NOTIFY is still to be sent.
+    pub fn notifier(&self) -> &Arc<DeferredNotify> {
+        &self.notifier
     }
 
     /// A pooled connection.
@@ -254,10 +295,13 @@ impl Db {
             .conn()
             .await?
             .query_one(
-                "INSERT INTO tenant (id, name, config) VALUES ($1, $2, $3) \
-                 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, config = EXCLUDED.config, updated = now() \
-                 RETURNING id, name, config, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
-                &[&id, &name, config],
+                &format!(
+                    "INSERT INTO tenant (id, name, config) SELECT $1, $2, $3 FROM {} \
+                     ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, config = EXCLUDED.config, updated = now() \
+                     RETURNING id, name, config, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
+                    notify_setting(4)
+                ),
+                &[&id, &name, config, &self.notifier.setting()],
             )
             .await?;
         Ok((tenant_from_row(&row), written(&row)))
@@ -266,19 +310,25 @@ impl Db {
     /// Deletes a tenant and, by cascade, everything it owns. `None` if it did not exist,
     /// else the writing transaction.
     pub async fn delete_tenant(&self, id: &str) -> Result<Option<u64>> {
-        self.delete(
-            "DELETE FROM tenant WHERE id = $1 RETURNING pg_current_xact_id()::text AS xid",
-            &[&id],
-        )
-        .await
+        self.delete("tenant", "id = $1", &[&id]).await
     }
 
+    /// `DELETE FROM table WHERE filter`; the filter's parameters come first, `openfhir.notify`
+    /// is appended.
     async fn delete(
         &self,
-        sql: &str,
+        table: &str,
+        filter: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<u64>> {
-        let row = self.conn().await?.query_opt(sql, params).await?;
+        let setting = self.notifier.setting();
+        let mut all = params.to_vec();
+        all.push(&setting);
+        let sql = format!(
+            "DELETE FROM {table} USING {} WHERE {filter} RETURNING pg_current_xact_id()::text AS xid",
+            notify_setting(all.len() as u8)
+        );
+        let row = self.conn().await?.query_opt(&sql, &all).await?;
         Ok(row.as_ref().map(xid))
     }
 
@@ -336,19 +386,15 @@ impl Db {
         xml: &str,
         mode: WriteMode,
     ) -> Result<(OptSummary, Written)> {
-        let sql = match mode {
-            WriteMode::Create => "INSERT INTO opt (tenant, template_id, original_template_id, content) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (tenant, template_id) DO NOTHING \
-                 RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, updated, true AS inserted, pg_current_xact_id()::text AS xid",
-            WriteMode::Upsert => "INSERT INTO opt (tenant, template_id, original_template_id, content) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (tenant, template_id) DO UPDATE SET original_template_id = EXCLUDED.original_template_id, \
-                 content = EXCLUDED.content, updated = now() \
-                 RETURNING tenant, template_id, original_template_id, octet_length(content)::bigint AS size, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
-        };
+        let sql = opt_write_sql("opt", mode);
+        let setting = self.notifier.setting();
         let row = self
             .conn()
             .await?
-            .query_opt(sql, &[&tenant, &t.normalized_id, &t.template_id, &xml])
+            .query_opt(
+                &sql,
+                &[&tenant, &t.normalized_id, &t.template_id, &xml, &setting],
+            )
             .await
             .map_err(|e| tenant_fk(e, tenant))?;
         match row {
@@ -363,7 +409,8 @@ impl Db {
     /// Deletes an OPT. `None` if it did not exist, else the writing transaction.
     pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<Option<u64>> {
         self.delete(
-            "DELETE FROM opt WHERE tenant = $1 AND template_id = $2 RETURNING pg_current_xact_id()::text AS xid",
+            "opt",
+            "tenant = $1 AND template_id = $2",
             &[&tenant, &template_id],
         )
         .await
@@ -413,23 +460,26 @@ impl Db {
         };
         let conn = self.conn().await?;
         let fmt = format.as_str();
+        let setting = self.notifier.setting();
         let row = match table {
             FcTable::Context => {
                 let sql = format!(
                     "INSERT INTO fhir_connect_context (tenant, template_id, original_template_id, content, content_format, parsed) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, template_id) {on_conflict} \
-                     RETURNING created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid"
+                     SELECT $1, $2, $3, $4, $5, $6 FROM {} ON CONFLICT (tenant, template_id) {on_conflict} \
+                     RETURNING created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
+                    notify_setting(7)
                 );
-                conn.query_opt(&sql, &[&tenant, &doc.key, &doc.display_id, &content, &fmt, &doc.json]).await
+                conn.query_opt(&sql, &[&tenant, &doc.key, &doc.display_id, &content, &fmt, &doc.json, &setting]).await
             }
             FcTable::Model => {
                 let sql = format!(
                     "INSERT INTO fhir_connect_model (tenant, name, kind, archetype, extends, content, content_format, parsed) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant, name) {on_conflict} \
-                     RETURNING created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid"
+                     SELECT $1, $2, $3, $4, $5, $6, $7, $8 FROM {} ON CONFLICT (tenant, name) {on_conflict} \
+                     RETURNING created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
+                    notify_setting(9)
                 );
                 let kind = doc.kind.as_str();
-                conn.query_opt(&sql, &[&tenant, &doc.key, &kind, &doc.archetype, &doc.extends, &content, &fmt, &doc.json])
+                conn.query_opt(&sql, &[&tenant, &doc.key, &kind, &doc.archetype, &doc.extends, &content, &fmt, &doc.json, &setting])
                     .await
             }
         }
@@ -460,17 +510,11 @@ impl Db {
 
     /// Deletes a context or model. `None` if it did not exist, else the writing transaction.
     pub async fn delete_fc(&self, table: FcTable, tenant: &str, id: &str) -> Result<Option<u64>> {
-        let sql = match table {
-            FcTable::Context => {
-                "DELETE FROM fhir_connect_context WHERE tenant = $1 AND template_id = $2 \
-                                 RETURNING pg_current_xact_id()::text AS xid"
-            }
-            FcTable::Model => {
-                "DELETE FROM fhir_connect_model WHERE tenant = $1 AND name = $2 \
-                               RETURNING pg_current_xact_id()::text AS xid"
-            }
+        let (name, filter) = match table {
+            FcTable::Context => ("fhir_connect_context", "tenant = $1 AND template_id = $2"),
+            FcTable::Model => ("fhir_connect_model", "tenant = $1 AND name = $2"),
         };
-        self.delete(sql, &[&tenant, &id]).await
+        self.delete(name, filter, &[&tenant, &id]).await
     }
 }
 
