@@ -223,15 +223,7 @@ where
             })
         })
         .collect();
-    let mut all = Recorder::new();
-    let mut ops = 0;
-    for t in tasks {
-        let (r, n) = t
-            .await
-            .map_err(|e| BenchError::Setup(format!("a load task failed: {e}")))??;
-        all.merge(&r);
-        ops += n;
-    }
+    let (all, ops) = Recorder::join(tasks, "a load task").await?;
     Ok((all, ops, start.elapsed().as_secs_f64()))
 }
 

@@ -44,6 +44,24 @@ impl Recorder {
         let _ = self.h.add(&other.h);
     }
 
+    /// Waits for load tasks that each return their recorder and operation count, and merges
+    /// them; `what` names the tasks in the error if one panicked or was cancelled.
+    pub async fn join(
+        tasks: Vec<tokio::task::JoinHandle<super::BenchResult<(Recorder, u64)>>>,
+        what: &str,
+    ) -> super::BenchResult<(Recorder, u64)> {
+        let mut all = Recorder::new();
+        let mut ops = 0;
+        for t in tasks {
+            let (r, n) = t
+                .await
+                .map_err(|e| super::BenchError::Setup(format!("{what} failed: {e}")))??;
+            all.merge(&r);
+            ops += n;
+        }
+        Ok((all, ops))
+    }
+
     /// Number of values recorded.
     pub fn len(&self) -> u64 {
         self.h.len()

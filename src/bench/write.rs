@@ -334,15 +334,7 @@ async fn upserts(
             })
         })
         .collect();
-    let mut all = Recorder::new();
-    let mut ops = 0;
-    for t in tasks {
-        let (r, n) = t
-            .await
-            .map_err(|e| BenchError::Setup(format!("a writer task failed: {e}")))??;
-        all.merge(&r);
-        ops += n;
-    }
+    let (all, ops) = Recorder::join(tasks, "a writer task").await?;
     Ok((all, ops, start.elapsed().as_secs_f64()))
 }
 
