@@ -3,7 +3,7 @@
 //!
 //! Everything here is synchronous and never waits on a peer: [`Cluster::broadcast`] writes one
 //! encoded message to every idle peer's socket without blocking, or puts it into the peer's
-//! bounded queue (see [`super::pipe`]), and returns. A full queue drops the message for that peer
+//! bounded queue (see `cluster::pipe`), and returns. A full queue drops the message for that peer
 //! only and marks it as having missed messages; the peer then sees a gap in the sequence numbers
 //! and catches up from the database.
 

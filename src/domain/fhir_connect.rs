@@ -218,7 +218,7 @@ pub(crate) fn read_yaml(text: &str) -> std::result::Result<serde_json::Value, Ya
     Ok(yaml::Bounded(&budget).deserialize(serde_norway::Deserializer::from_str(text))?)
 }
 
-/// Why YAML text could not be read (see [`read_yaml`]).
+/// Why YAML text could not be read (see `read_yaml`).
 #[derive(Debug, thiserror::Error)]
 pub enum YamlError {
     /// Refused by the linear pre-scan before parsing (flow collections nested too deeply).

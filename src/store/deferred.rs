@@ -119,8 +119,9 @@ impl DeferredNotify {
         self.queue().len()
     }
 
-    /// Sends the notifications of every pending transaction (one statement per [`MAX_BATCH`]);
-    /// returns how many notifications were sent. A batch that fails is dropped and counted.
+    /// Sends the notifications of every pending transaction (one statement per `MAX_BATCH`
+    /// transactions); returns how many notifications were sent. A batch that fails is dropped
+    /// and counted.
     pub async fn send_pending(&self, db: &Db) -> Result<u64> {
         let mut total = 0;
         loop {
