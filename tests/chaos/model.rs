@@ -180,6 +180,9 @@ pub struct SqlError {
     pub message: String,
 }
 
+/// How long one harness statement may take before the connection is given up.
+const STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Sql {
     pub fn new(url: &str) -> Sql {
         Sql {
@@ -222,14 +225,14 @@ impl Sql {
         }
     }
 
-    pub async fn query(
+    /// The outcome of one statement run under [`STATEMENT_TIMEOUT`]: a timeout drops the
+    /// connection and may have committed.
+    fn settle<T>(
         &mut self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, SqlError> {
-        let c = self.client().await?;
-        match tokio::time::timeout(std::time::Duration::from_secs(10), c.query(sql, params)).await {
-            Ok(Ok(rows)) => Ok(rows),
+        r: Result<Result<T, tokio_postgres::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<T, SqlError> {
+        match r {
+            Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.failed(e)),
             Err(_) => {
                 self.client = None;
@@ -241,24 +244,24 @@ impl Sql {
         }
     }
 
+    pub async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, SqlError> {
+        let c = self.client().await?;
+        let r = tokio::time::timeout(STATEMENT_TIMEOUT, c.query(sql, params)).await;
+        self.settle(r)
+    }
+
     pub async fn execute(
         &mut self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<u64, SqlError> {
         let c = self.client().await?;
-        match tokio::time::timeout(std::time::Duration::from_secs(10), c.execute(sql, params)).await
-        {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(e)) => Err(self.failed(e)),
-            Err(_) => {
-                self.client = None;
-                Err(SqlError {
-                    maybe_committed: true,
-                    message: "timed out".into(),
-                })
-            }
-        }
+        let r = tokio::time::timeout(STATEMENT_TIMEOUT, c.execute(sql, params)).await;
+        self.settle(r)
     }
 
     /// What `key` is in the database now.
