@@ -28,7 +28,7 @@ use openfhir_cache::app::{self, ServeOptions};
 use openfhir_cache::cache::CacheName;
 use openfhir_cache::config::{LogFormat, Sources};
 use openfhir_cache::domain::FcFormat;
-use openfhir_cache::store::WriteMode;
+use openfhir_cache::node::Put;
 use openfhir_cache::{Config, Node, Result};
 
 /// The tenant the example writes into (kept apart from `default`).
@@ -99,9 +99,7 @@ async fn work(node: &Arc<Node>) -> Result<Summary> {
 
     // 1. The OPT: written to PostgreSQL (evicted here and on every peer after COMMIT), then read
     //    through the cache.
-    let (meta, written) = node
-        .put_opt(TENANT, OPT, Some("Growth chart"), WriteMode::Upsert)
-        .await?;
+    let (meta, written) = node.put_opt(TENANT, OPT, Put::At("Growth chart")).await?;
     let first = node.opt(TENANT, &meta.template_id).await?;
     let second = node.opt(TENANT, "Growth chart").await?; // same id, normalized
     let opt_stats = node
@@ -115,21 +113,14 @@ async fn work(node: &Arc<Node>) -> Result<Summary> {
 
     // 2. FHIR Connect: the models and extensions first, then the context that names them.
     for model in MODELS {
-        node.put_model(
-            TENANT,
-            model.as_bytes(),
-            FcFormat::Yaml,
-            None,
-            WriteMode::Upsert,
-        )
-        .await?;
+        node.put_model(TENANT, model.as_bytes(), FcFormat::Yaml, Put::Upsert)
+            .await?;
     }
     node.put_context(
         TENANT,
         CONTEXT.as_bytes(),
         FcFormat::Yaml,
-        Some("Growth chart"),
-        WriteMode::Upsert,
+        Put::At("Growth chart"),
     )
     .await?;
     let mapper = node.mapper(TENANT, "growth_chart").await?;

@@ -59,9 +59,14 @@ pub enum Error {
         details: Vec<String>,
     },
 
-    /// The thing already exists (POST of an existing id) or the change is not allowed.
+    /// The change is not allowed (e.g. deleting the default tenant).
     #[error("{0}")]
     Conflict(String),
+
+    /// An OPT, context or model with that template id or name already exists (a create, or a
+    /// rename onto a taken key); the message is openFHIR's, and like openFHIR's it is a 400.
+    #[error("{0}")]
+    Duplicate(String),
 
     /// A stored row could not be decoded (corrupt or hand-edited data).
     #[error("stored {what} '{id}' is unreadable: {reason}")]

@@ -7,6 +7,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
+use uuid::Uuid;
+
 use crate::cache::{CacheName, Caches, Change};
 use crate::catchup::{Invalidator, StepReport};
 use crate::cluster::Cluster;
@@ -15,7 +17,7 @@ use crate::domain::{
     self, normalize_template_id, parse_fc, FcDocument, FcFormat, FcList, OptDocument, Tenant,
 };
 use crate::error::{Error, Result};
-use crate::store::{Db, FcTable, OptSummary, WriteMode, Written};
+use crate::store::{Artifact, Db, FcTable, OptSummary, Target, WriteMode, Written};
 
 /// Called after a cache loader read the database and before the value is cached, with the
 /// cache and the key. Lets tests pause a load at exactly that point (the eviction race).
@@ -27,6 +29,25 @@ pub type LoadHook =
 /// peer channel, NOTIFY or catch-up, and operator evictions (not this node's own writes).
 /// Benchmarks use it to time propagation; it must be cheap and must not block.
 pub type ApplyHook = Arc<dyn Fn(&Change) + Send + Sync>;
+
+/// How many times a write looks its target up again when the row it found was renamed or
+/// deleted before the write reached it.
+const WRITE_ATTEMPTS: usize = 3;
+
+/// Where a write of an OPT, context or model goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put<'a> {
+    /// A new artifact (`POST`): one with the same template id or name already there is an
+    /// [`Error::Duplicate`].
+    Create,
+    /// Creates the artifact, or replaces the one with the document's template id or name.
+    Upsert,
+    /// `PUT /.../{path}`: the artifact whose id (else template id or name) `path` is gets the
+    /// document, renamed if the document's key differs (onto a key another artifact has: a
+    /// duplicate). When `path` names none, as in openFHIR the document is created (a duplicate if
+    /// its key is taken), except that a path equal to the document's own key replaces.
+    At(&'a str),
+}
 
 /// One node's cached view of the store.
 pub struct Node {
@@ -161,18 +182,23 @@ impl Node {
         n
     }
 
-    /// Runs a write under an armed eviction: the change is evicted after COMMIT, and also if
+    /// Runs a write under armed evictions: the changes are evicted after COMMIT, and also if
     /// this future is dropped half-way (the write may have committed); not when the write
-    /// certainly changed nothing (conflict, not found, invalid).
+    /// certainly changed nothing (duplicate, not found, invalid, or a write that reports it
+    /// touched no row).
     async fn write<T: Committed>(
         &self,
-        change: Change,
+        changes: Vec<Change>,
         write: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let guard = self.caches.guard(change);
+        let guard = self.caches.guard(changes);
         match write.await {
             Ok(v) => {
-                self.invalidator.own_write(v.xid());
+                let Some(xid) = v.xid() else {
+                    guard.disarm();
+                    return Ok(v);
+                };
+                self.invalidator.own_write(xid);
                 // The trigger left this transaction's NOTIFY to the node (a transaction that
                 // notifies commits only one at a time): queue it now that it committed, after
                 // `own_write`, so this node's own listener recognises the echo. If it is never
@@ -180,19 +206,24 @@ impl Node {
                 // deliver the change too (see `store::deferred`).
                 let notifier = self.db.notifier();
                 if notifier.enabled() {
-                    notifier.push(v.xid());
+                    notifier.push(xid);
                 }
-                let change = guard.committed().await;
+                let changes = guard.committed().await;
                 // After COMMIT and the local eviction: a peer that reloads on receipt reads
                 // the new row. Never waits on a peer.
-                self.cluster.broadcast(&change, Some(v.xid()));
-                tracing::debug!(?change, "committed, evicted and broadcast");
+                for change in &changes {
+                    self.cluster.broadcast(change, Some(xid));
+                }
+                tracing::debug!(?changes, "committed, evicted and broadcast");
                 Ok(v)
             }
             Err(e) => {
                 let unchanged = matches!(
                     e.root(),
-                    Error::Conflict(_) | Error::NotFound { .. } | Error::Invalid { .. }
+                    Error::Conflict(_)
+                        | Error::Duplicate(_)
+                        | Error::NotFound { .. }
+                        | Error::Invalid { .. }
                 ) || e.is_bad_value();
                 if unchanged {
                     guard.disarm();
@@ -234,10 +265,10 @@ impl Node {
         domain::reject_nul("tenant name", &serde_json::Value::from(name))?;
         domain::reject_nul("tenant config", config)?;
         self.write(
-            Change::Tenant {
+            vec![Change::Tenant {
                 tenant: id.to_string(),
                 deleted: false,
-            },
+            }],
             self.db.put_tenant(id, name, config),
         )
         .await
@@ -252,10 +283,10 @@ impl Node {
             ));
         }
         self.write(
-            Change::Tenant {
+            vec![Change::Tenant {
                 tenant: id.to_string(),
                 deleted: true,
-            },
+            }],
             async {
                 self.db
                     .delete_tenant(id)
@@ -266,19 +297,152 @@ impl Node {
         .await
     }
 
+    // ---- artifacts: OPTs, contexts, models ----
+
+    /// Writes an artifact as `put` says (see [`Put`]): `update` rewrites an existing row the
+    /// path found, `create` writes the document under its own key. Retries when the row found
+    /// was renamed or deleted before the write reached it.
+    async fn put_artifact<D, U, UF, C, CF>(
+        &self,
+        a: Artifact,
+        tenant: &str,
+        key: &str,
+        put: Put<'_>,
+        update: U,
+        create: C,
+    ) -> Result<(D, Written)>
+    where
+        U: Fn(Target) -> UF,
+        UF: Future<Output = Result<Option<(D, Written)>>>,
+        C: Fn(WriteMode) -> CF,
+        CF: Future<Output = Result<(D, Written)>>,
+    {
+        for _ in 0..WRITE_ATTEMPTS {
+            let found = match put {
+                Put::At(path) => self.db.find(a, tenant, path).await?,
+                Put::Create | Put::Upsert => None,
+            };
+            let Some(target) = found else {
+                // As openFHIR: a PUT whose path names nothing creates; except that a PUT to the
+                // document's own key replaces (this API's PUT by template id or model name).
+                let mode = match put {
+                    Put::Create => WriteMode::Create,
+                    Put::Upsert => WriteMode::Upsert,
+                    Put::At(path) if a.path_key(path) == key => WriteMode::Upsert,
+                    Put::At(_) => WriteMode::Create,
+                };
+                return self.write(vec![a.change(tenant, key)], create(mode)).await;
+            };
+            let mut changes = vec![a.change(tenant, &target.key)];
+            if target.key != key {
+                changes.push(a.change(tenant, key));
+            }
+            if let Some(done) = self.write(changes, update(target)).await? {
+                return Ok(done);
+            }
+        }
+        Err(Error::Conflict(format!(
+            "the {} kept changing while it was being written; retry",
+            a.what()
+        )))
+    }
+
+    /// Deletes the artifact `path` addresses (its id, else its key). `None` when there was
+    /// none, which is not an error (openFHIR answers 204 either way); else the writing
+    /// transaction.
+    pub async fn delete_artifact(
+        &self,
+        a: Artifact,
+        tenant: &str,
+        path: &str,
+    ) -> Result<Option<u64>> {
+        for _ in 0..WRITE_ATTEMPTS {
+            let Some(target) = self.db.find(a, tenant, path).await? else {
+                return Ok(None);
+            };
+            let change = a.change(tenant, &target.key);
+            if let Some(xid) = self
+                .write(vec![change], self.db.delete_target(a, tenant, &target))
+                .await?
+            {
+                return Ok(Some(xid));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes every OPT, context and model of the tenant (openFHIR's `GET /$purge`), evicting
+    /// them on every node like any other write. Returns the writing transaction.
+    pub async fn purge(&self, tenant: &str) -> Result<u64> {
+        let change = Change::Evict {
+            group: None,
+            tenant: Some(tenant.to_string()),
+            key: None,
+        };
+        self.write(vec![change], self.db.purge(tenant)).await
+    }
+
+    /// The cached artifact with id `id`, found through the id index (a hint, checked here
+    /// against the id the artifact carries) or the database.
+    async fn by_id<T, L, LF>(
+        &self,
+        a: Artifact,
+        tenant: &str,
+        id: Uuid,
+        id_of: fn(&T) -> Uuid,
+        load: L,
+    ) -> Result<Option<Arc<T>>>
+    where
+        L: Fn(String) -> LF,
+        LF: Future<Output = Result<Arc<T>>>,
+    {
+        let check = |r: Result<Arc<T>>| match r {
+            Ok(doc) if id_of(&doc) == id => Ok(Some(doc)),
+            Ok(_) => Ok(None),
+            Err(e) if matches!(e.root(), Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        };
+        if let Some(key) = self.caches.ids.get(a.kind(), tenant, id).await {
+            if let Some(doc) = check(load(key).await)? {
+                return Ok(Some(doc));
+            }
+            self.caches.ids.forget(a.kind(), tenant, id).await;
+        }
+        let Some(key) = self.db.key_of(a, tenant, id).await? else {
+            return Ok(None);
+        };
+        let doc = check(load(key.clone()).await)?;
+        if doc.is_some() {
+            self.caches.ids.insert(a.kind(), tenant, id, &key).await;
+        }
+        Ok(doc)
+    }
+
     // ---- OPT ----
 
-    /// An OPT (cached). `template_id` is normalized here.
-    pub async fn opt(&self, tenant: &str, template_id: &str) -> Result<Arc<OptDocument>> {
-        let id = normalize_template_id(template_id);
-        domain::validate_artifact_id("template id", &id)?;
+    /// An OPT (cached), by id or by template id (normalized here); an id match wins.
+    pub async fn opt(&self, tenant: &str, path: &str) -> Result<Arc<OptDocument>> {
+        if let Ok(id) = Uuid::parse_str(path.trim()) {
+            let load = |key: String| async move { self.opt_by_key(tenant, &key).await };
+            if let Some(doc) = self
+                .by_id(Artifact::Opt, tenant, id, |d| d.id, load)
+                .await?
+            {
+                return Ok(doc);
+            }
+        }
+        self.opt_by_key(tenant, &normalize_template_id(path)).await
+    }
+
+    async fn opt_by_key(&self, tenant: &str, id: &str) -> Result<Arc<OptDocument>> {
+        domain::validate_artifact_id("template id", id)?;
         self.caches
             .opt
-            .get_or_load(tenant, Some(&id), || async {
-                let o = self.db.opt(tenant, &id).await?;
-                self.loaded(CacheName::Opt, &id, o)
+            .get_or_load(tenant, Some(id), || async {
+                let o = self.db.opt(tenant, id).await?;
+                self.loaded(CacheName::Opt, id, o)
                     .await
-                    .ok_or_else(|| not_found("OPT", &id))
+                    .ok_or_else(|| not_found("OPT", id))
             })
             .await
     }
@@ -288,67 +452,77 @@ impl Node {
         self.db.opts(tenant).await
     }
 
-    /// Stores an OPT. With `path_id` (PUT) the XML's template id must match it.
+    /// Stores an OPT as `put` says ([`Put`]). The whole template is parsed (and so validated)
+    /// before anything is written.
     pub async fn put_opt(
         &self,
         tenant: &str,
         xml: &str,
-        path_id: Option<&str>,
-        mode: WriteMode,
+        put: Put<'_>,
     ) -> Result<(OptSummary, Written)> {
-        // The whole template is parsed (and so validated) before anything is written.
         let t = crate::domain::template::TemplateTree::parse(xml)?
             .header()
             .clone();
-        check_path_id(
-            path_id.map(normalize_template_id).as_deref(),
+        let (db, t) = (&self.db, &t);
+        self.put_artifact(
+            Artifact::Opt,
+            tenant,
             &t.normalized_id,
-            "the OPT's template_id",
-        )?;
-        self.write(
-            Change::Opt {
-                tenant: tenant.to_string(),
-                template_id: t.normalized_id.clone(),
-            },
-            self.db.put_opt(tenant, &t, xml, mode),
+            put,
+            |target| async move { db.update_opt(tenant, &target, t, xml).await },
+            |mode| db.put_opt(tenant, t, xml, mode),
         )
         .await
     }
 
-    /// Deletes an OPT.
-    pub async fn delete_opt(&self, tenant: &str, template_id: &str) -> Result<u64> {
-        let id = normalize_template_id(template_id);
-        domain::validate_artifact_id("template id", &id)?;
-        self.write(
-            Change::Opt {
-                tenant: tenant.to_string(),
-                template_id: id.clone(),
-            },
-            async {
-                self.db
-                    .delete_opt(tenant, &id)
-                    .await?
-                    .ok_or_else(|| not_found("OPT", &id))
-            },
-        )
-        .await
+    /// Deletes the OPT `path` addresses; see [`Node::delete_artifact`].
+    pub async fn delete_opt(&self, tenant: &str, path: &str) -> Result<Option<u64>> {
+        self.delete_artifact(Artifact::Opt, tenant, path).await
     }
 
     // ---- FHIR Connect contexts ----
 
-    /// A context (cached), by template id (normalized here).
-    pub async fn context(&self, tenant: &str, template_id: &str) -> Result<Arc<FcDocument>> {
-        let id = normalize_template_id(template_id);
-        domain::validate_artifact_id("template id", &id)?;
+    /// A context (cached), by id or by template id (normalized here); an id match wins.
+    pub async fn context(&self, tenant: &str, path: &str) -> Result<Arc<FcDocument>> {
+        if let Ok(id) = Uuid::parse_str(path.trim()) {
+            let load = |key: String| async move { self.context_by_key(tenant, &key).await };
+            if let Some(doc) = self
+                .by_id(Artifact::Context, tenant, id, |d| d.uuid, load)
+                .await?
+            {
+                return Ok(doc);
+            }
+        }
+        self.context_by_key(tenant, &normalize_template_id(path))
+            .await
+    }
+
+    async fn context_by_key(&self, tenant: &str, id: &str) -> Result<Arc<FcDocument>> {
+        domain::validate_artifact_id("template id", id)?;
         self.caches
             .context
-            .get_or_load(tenant, Some(&id), || async {
-                let c = self.db.fc(FcTable::Context, tenant, &id).await?;
-                self.loaded(CacheName::Context, &id, c)
+            .get_or_load(tenant, Some(id), || async {
+                let c = self.db.fc(FcTable::Context, tenant, id).await?;
+                self.loaded(CacheName::Context, id, c)
                     .await
-                    .ok_or_else(|| not_found("context", &id))
+                    .ok_or_else(|| not_found("context", id))
             })
             .await
+    }
+
+    /// The template id a path to a template's context, mapper or helpers names: a context's id
+    /// stands for that context's template.
+    async fn template_key(&self, tenant: &str, path: &str) -> Result<String> {
+        if Uuid::parse_str(path.trim()).is_ok() {
+            match self.context(tenant, path).await {
+                Ok(c) => return Ok(c.id.clone()),
+                Err(e) if matches!(e.root(), Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let id = normalize_template_id(path);
+        domain::validate_artifact_id("template id", &id)?;
+        Ok(id)
     }
 
     /// Every context of the tenant (cached as one entry).
@@ -366,81 +540,62 @@ impl Node {
             .await
     }
 
-    /// Stores a context. With `path_id` (PUT) its `context.template.id` must match it.
+    /// Stores a context as `put` says ([`Put`]).
     pub async fn put_context(
         &self,
         tenant: &str,
         body: &[u8],
         format: FcFormat,
-        path_id: Option<&str>,
-        mode: WriteMode,
+        put: Put<'_>,
     ) -> Result<(FcDocument, Written)> {
-        self.put_fc(FcTable::Context, tenant, body, format, path_id, mode)
+        self.put_fc(FcTable::Context, tenant, body, format, put)
             .await
     }
 
-    /// Deletes a context.
-    pub async fn delete_context(&self, tenant: &str, template_id: &str) -> Result<u64> {
-        self.delete_fc(FcTable::Context, tenant, template_id).await
+    /// Deletes the context `path` addresses; see [`Node::delete_artifact`].
+    pub async fn delete_context(&self, tenant: &str, path: &str) -> Result<Option<u64>> {
+        self.delete_artifact(Artifact::Context, tenant, path).await
     }
 
-    /// Stores a FHIR Connect document in `table`. With `path_id` (PUT) the document's key
-    /// (`context.template.id`, normalized, or `metadata.name`) must match it.
+    /// Stores a FHIR Connect document in `table` as `put` says ([`Put`]), after checking it by
+    /// openFHIR's rules ([`crate::domain::fc_model`]).
     pub async fn put_fc(
         &self,
         table: FcTable,
         tenant: &str,
         body: &[u8],
         format: FcFormat,
-        path_id: Option<&str>,
-        mode: WriteMode,
+        put: Put<'_>,
     ) -> Result<(FcDocument, Written)> {
         let doc = parse_fc(body, format, table.kind())?;
-        // The typed models validate every field and report every problem at once.
-        let text = utf8(body)?;
-        match table {
-            FcTable::Context => drop(crate::domain::fc_model::parse_context(text, format)?),
-            FcTable::Model => drop(crate::domain::fc_model::parse_model(text, format)?),
-        }
-        check_path_id(
-            path_id.map(|p| table.key(p)).as_deref(),
-            &doc.key,
-            table.key_field(),
-        )?;
         let content = utf8(body)?;
-        let change = table.change(tenant, &doc.key);
-        self.write(
-            change,
-            self.db.put_fc(table, tenant, &doc, content, format, mode),
+        let (db, d) = (&self.db, &doc);
+        self.put_artifact(
+            table.into(),
+            tenant,
+            &doc.key,
+            put,
+            |target| async move {
+                db.update_fc(table, tenant, &target, d, content, format)
+                    .await
+            },
+            |mode| db.put_fc(table, tenant, d, content, format, mode),
         )
-        .await
-    }
-
-    /// Deletes a FHIR Connect document from `table` by its key (normalized for contexts).
-    pub async fn delete_fc(&self, table: FcTable, tenant: &str, id: &str) -> Result<u64> {
-        let id = table.key(id);
-        domain::validate_artifact_id(table.key_name(), &id)?;
-        self.write(table.change(tenant, &id), async {
-            self.db
-                .delete_fc(table, tenant, &id)
-                .await?
-                .ok_or_else(|| not_found(table.what(), &id))
-        })
         .await
     }
 
     // ---- compiled artifacts ----
 
     /// The compiled mapper index of a template (cached in the FHIR Connect group; concurrent cold
-    /// requests compile once). A context that names models, extensions or a template that are
-    /// not uploaded is `Unprocessable`, listing every missing name; nothing is cached then.
+    /// requests compile once), by template id or by its context's id. A context the engine
+    /// cannot compile (see [`crate::domain::mapper::compile`]) is `Unprocessable`, listing every
+    /// problem; nothing is cached then.
     pub async fn mapper(
         &self,
         tenant: &str,
-        template_id: &str,
+        path: &str,
     ) -> Result<Arc<crate::domain::mapper::CompiledMapper>> {
-        let id = normalize_template_id(template_id);
-        domain::validate_artifact_id("template id", &id)?;
+        let id = self.template_key(tenant, path).await?;
         self.caches
             .mapper
             .get_or_load(tenant, Some(&id), || async {
@@ -455,48 +610,34 @@ impl Node {
         tenant: &str,
         id: &str,
     ) -> Result<crate::domain::mapper::CompiledMapper> {
-        use crate::domain::fc_model::{parse_context, parse_model};
-        let ctx = self.context(tenant, id).await?;
-        let context = parse_context(&ctx.content, ctx.format)?;
-        // Only what the context names matters: a broken model of another template must not
-        // break this one. (Names may also be archetype ids; the compiler resolves them.)
+        use crate::domain::fc_model::{typed, ContextDocument, ModelDocument};
+        let ctx = self.context_by_key(tenant, id).await?;
+        // Stored documents were checked when they were uploaded; only their shape is read here.
+        let corrupt = |what: &'static str, id: &str, e: Error| Error::CorruptRow {
+            what,
+            id: id.to_string(),
+            reason: e.to_string(),
+        };
+        let context: ContextDocument =
+            typed(&ctx.json, "context").map_err(|e| corrupt("context", id, e))?;
+        // As the engine, only the models the context names are read: a broken model of another
+        // template cannot break this one.
         let named: std::collections::BTreeSet<&str> = context
-            .context
-            .as_ref()
-            .map(|c| {
-                c.archetypes
-                    .iter()
-                    .flatten()
-                    .chain(c.extensions.iter().flatten())
-                    .map(|s| s.trim())
-                    .collect()
-            })
-            .unwrap_or_default();
+            .archetypes()
+            .iter()
+            .chain(context.extensions())
+            .map(|s| s.trim())
+            .collect();
         let mut models = std::collections::BTreeMap::new();
         for m in self.db.fcs(FcTable::Model, tenant).await? {
-            let referenced = named.contains(m.id.as_str())
-                || m.archetype.as_deref().is_some_and(|a| {
-                    named.contains(a) || named.iter().any(|n| a == format!("openEHR-EHR-{n}"))
-                });
-            match parse_model(&m.content, m.format) {
-                Ok(typed) => {
-                    models.insert(m.id.clone(), typed);
-                }
-                // Stored models were validated at upload; one that no longer parses is reported
-                // only where it is used.
-                Err(e) if referenced => {
-                    return Err(Error::CorruptRow {
-                        what: "model",
-                        id: m.id.clone(),
-                        reason: e.to_string(),
-                    })
-                }
-                Err(e) => {
-                    tracing::warn!(model = %m.id, error = %e, "skipping an unreadable stored model")
-                }
+            if !named.contains(m.id.as_str()) {
+                continue;
             }
+            let model: ModelDocument =
+                typed(&m.json, "model").map_err(|e| corrupt("model", &m.id, e))?;
+            models.insert(m.id.clone(), model);
         }
-        let template_uploaded = match self.opt(tenant, id).await {
+        let template_uploaded = match self.opt_by_key(tenant, id).await {
             Ok(_) => true,
             Err(e) if matches!(e.root(), Error::NotFound { .. }) => false,
             Err(e) => return Err(e),
@@ -509,6 +650,9 @@ impl Node {
                     details: e.missing,
                 }
             })?;
+        for w in &index.warnings {
+            tracing::info!(tenant, template = id, warning = %w, "mapper compiled with a warning");
+        }
         Ok(crate::domain::mapper::CompiledMapper {
             index,
             compiled_at: time::OffsetDateTime::now_utc(),
@@ -517,20 +661,19 @@ impl Node {
         })
     }
 
-    /// The helper tree of a template, shared and immutable (cached). Code that writes
-    /// per-request state must use [`Node::helpers_copy`].
+    /// The helper tree of a template (by template id or its context's id), shared and
+    /// immutable (cached). Code that writes per-request state must use [`Node::helpers_copy`].
     pub async fn helpers(
         &self,
         tenant: &str,
-        template_id: &str,
+        path: &str,
     ) -> Result<Arc<crate::domain::helpers::HelperTree>> {
-        let id = normalize_template_id(template_id);
-        domain::validate_artifact_id("template id", &id)?;
+        let id = self.template_key(tenant, path).await?;
         self.caches
             .helpers
             .get_or_load(tenant, Some(&id), || async {
                 let mapper = self.mapper(tenant, &id).await?;
-                let opt = self.opt(tenant, &id).await?;
+                let opt = self.opt_by_key(tenant, &id).await?;
                 let tree = crate::domain::helpers::build(&mapper.index, &opt.tree);
                 Ok(self.loaded(CacheName::Helpers, &id, tree).await)
             })
@@ -549,13 +692,13 @@ impl Node {
 
     // ---- FHIR Connect models ----
 
-    /// A model or extension, by name (read from the database; compiled artifacts are cached).
-    pub async fn model(&self, tenant: &str, name: &str) -> Result<FcDocument> {
-        domain::validate_artifact_id("model name", name)?;
+    /// A model or extension, by id or by name; an id match wins (read from the database;
+    /// compiled artifacts are cached).
+    pub async fn model(&self, tenant: &str, path: &str) -> Result<FcDocument> {
         self.db
-            .fc(FcTable::Model, tenant, name)
+            .fc_at(FcTable::Model, tenant, path)
             .await?
-            .ok_or_else(|| not_found("model", name))
+            .ok_or_else(|| not_found("model", path))
     }
 
     /// Every model and extension of the tenant.
@@ -563,22 +706,20 @@ impl Node {
         self.db.fcs(FcTable::Model, tenant).await
     }
 
-    /// Stores a model or extension. With `path_id` (PUT) its `metadata.name` must match it.
+    /// Stores a model or extension as `put` says ([`Put`]).
     pub async fn put_model(
         &self,
         tenant: &str,
         body: &[u8],
         format: FcFormat,
-        path_id: Option<&str>,
-        mode: WriteMode,
+        put: Put<'_>,
     ) -> Result<(FcDocument, Written)> {
-        self.put_fc(FcTable::Model, tenant, body, format, path_id, mode)
-            .await
+        self.put_fc(FcTable::Model, tenant, body, format, put).await
     }
 
-    /// Deletes a model.
-    pub async fn delete_model(&self, tenant: &str, name: &str) -> Result<u64> {
-        self.delete_fc(FcTable::Model, tenant, name).await
+    /// Deletes the model `path` addresses; see [`Node::delete_artifact`].
+    pub async fn delete_model(&self, tenant: &str, path: &str) -> Result<Option<u64>> {
+        self.delete_artifact(Artifact::Model, tenant, path).await
     }
 }
 
@@ -591,16 +732,6 @@ fn not_found(what: &'static str, id: &str) -> Error {
 
 fn utf8(body: &[u8]) -> Result<&str> {
     std::str::from_utf8(body).map_err(|e| Error::invalid("document is not UTF-8", e.to_string()))
-}
-
-fn check_path_id(path_id: Option<&str>, doc_id: &str, field: &str) -> Result<()> {
-    match path_id {
-        Some(p) if p != doc_id => Err(Error::invalid(
-            "path and document disagree",
-            format!("the path names '{p}' but {field} gives '{doc_id}'"),
-        )),
-        _ => Ok(()),
-    }
 }
 
 /// `<host>-<8 hex digits>`: readable in logs, unique per start.
@@ -628,20 +759,26 @@ fn new_node_id() -> String {
     format!("{host}-{:08x}", h.finish() as u32)
 }
 
-/// What a write returns carries the transaction that made it.
+/// What a write returns carries the transaction that made it, or says it changed nothing.
 trait Committed {
-    fn xid(&self) -> u64;
+    fn xid(&self) -> Option<u64>;
 }
 
 impl<T> Committed for (T, Written) {
-    fn xid(&self) -> u64 {
-        self.1.xid
+    fn xid(&self) -> Option<u64> {
+        Some(self.1.xid)
     }
 }
 
 impl Committed for u64 {
-    fn xid(&self) -> u64 {
-        *self
+    fn xid(&self) -> Option<u64> {
+        Some(*self)
+    }
+}
+
+impl<T: Committed> Committed for Option<T> {
+    fn xid(&self) -> Option<u64> {
+        self.as_ref().and_then(Committed::xid)
     }
 }
 

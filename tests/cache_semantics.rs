@@ -40,7 +40,7 @@ async fn infinite_ttl_serves_from_memory_until_evicted() {
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,
-        201
+        200
     );
     assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
     let loads = app.stats(CacheName::Opt).await.stats.loads;
@@ -74,7 +74,7 @@ async fn ttl_zero_goes_to_the_database_every_time() {
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,
-        201
+        200
     );
     for i in 1..=5 {
         assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
@@ -103,7 +103,7 @@ async fn ttl_n_expires_after_write() {
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,
-        201
+        200
     );
     assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
     sql_set_marker(&app, "growth_chart", "v2").await;
@@ -140,7 +140,7 @@ async fn concurrent_cold_reads_load_once() {
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,
-        201
+        200
     );
     let ctx = context_yaml("Growth chart", "1");
     let r = app
@@ -150,7 +150,7 @@ async fn concurrent_cold_reads_load_once() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 201);
+    assert_eq!(r.status(), 200);
     // The writes evicted the keys; make sure nothing is cached yet.
     assert!(
         !app.node
@@ -219,7 +219,7 @@ async fn api_writes_evict_what_they_changed() {
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "v1"))
             .await,
-        201
+        200
     );
     assert!(app.get_text("/opt/growth_chart").await.contains("v1"));
     assert_eq!(
@@ -236,7 +236,7 @@ async fn api_writes_evict_what_they_changed() {
             .body(context_yaml("Growth chart", marker))
             .send()
     };
-    assert_eq!(put_ctx("1").await.unwrap().status(), 201);
+    assert_eq!(put_ctx("1").await.unwrap().status(), 200);
     let one = app.get_text("/fc/context/growth_chart").await;
     let all = app.get_text("/fc/context").await;
     assert!(
@@ -292,7 +292,7 @@ async fn eviction_during_an_in_flight_load_wins() {
     assert_eq!(
         app.put_opt("Growth chart", &opt_xml("Growth chart", "old"))
             .await,
-        201
+        200
     );
 
     let read_done = Arc::new(Notify::new());
@@ -362,8 +362,8 @@ async fn database_down_is_503_and_not_cached() {
             .body(opt_xml(id, "v1"))
             .send()
     };
-    assert_eq!(put("cached").await.unwrap().status(), 201);
-    assert_eq!(put("uncached").await.unwrap().status(), 201);
+    assert_eq!(put("cached").await.unwrap().status(), 200);
+    assert_eq!(put("uncached").await.unwrap().status(), 200);
     assert_eq!(
         client
             .get(format!("{base}/opt/cached"))

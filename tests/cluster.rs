@@ -103,7 +103,7 @@ async fn tcp_three_nodes_update_reaches_peers_over_the_peer_channel_alone() {
     assert_eq!(
         n1.put_opt("growth", &opt_xml("growth", "version-one"))
             .await,
-        201
+        200
     );
     for n in [&n1, &n2, &n3] {
         assert!(n.get_text("/opt/growth").await.contains("version-one"));
@@ -176,7 +176,7 @@ async fn a_killed_node_is_detected_and_rejoins_when_restarted() {
     // Restarted on the same address (with a new node id), it rejoins without operator action.
     let c = start(&db.url, &node_env(&name, "127.0.5.4", hosts, &[])).await;
     all_connected(&[&a, &b, &c]).await;
-    assert_eq!(a.put_opt("weight", &opt_xml("weight", "w-one")).await, 201);
+    assert_eq!(a.put_opt("weight", &opt_xml("weight", "w-one")).await, 200);
     assert!(c.get_text("/opt/weight").await.contains("w-one"));
     assert_eq!(a.put_opt("weight", &opt_xml("weight", "w-two")).await, 200);
     assert!(
@@ -407,7 +407,7 @@ async fn garbage_oversized_and_forged_frames_do_not_disturb_the_cluster() {
         a.node.cluster().counters()
     );
     // Nothing disturbed the real peers: a write on b still reaches a.
-    assert_eq!(b.put_opt("bp", &opt_xml("bp", "bp-one")).await, 201);
+    assert_eq!(b.put_opt("bp", &opt_xml("bp", "bp-one")).await, 200);
     assert!(a.get_text("/opt/bp").await.contains("bp-one"));
     assert_eq!(b.put_opt("bp", &opt_xml("bp", "bp-two")).await, 200);
     assert!(reads_until(&a, "/opt/bp", "bp-two").await.is_some());
@@ -427,7 +427,7 @@ async fn an_unauthenticated_peer_cannot_inject_an_invalidation() {
         &node_env(&name, "127.0.9.2", hosts, &[("CLUSTER_SECRET", secret)]),
     )
     .await;
-    assert_eq!(a.put_opt("inj", &opt_xml("inj", "inj-one")).await, 201);
+    assert_eq!(a.put_opt("inj", &opt_xml("inj", "inj-one")).await, 200);
     assert!(a.get_text("/opt/inj").await.contains("inj-one"));
     let a_addr = a.node.cluster().local_addr().unwrap();
     // An Invalidate sent as the first frame, without any handshake.
@@ -615,7 +615,7 @@ async fn multicast_three_nodes_find_each_other_with_no_configuration() {
     assert_eq!(c["discovery"], "MULTICAST");
     assert!(c["discovered"].as_array().unwrap().len() >= 2, "{c:#}");
 
-    assert_eq!(n2.put_opt("mc", &opt_xml("mc", "mc-one")).await, 201);
+    assert_eq!(n2.put_opt("mc", &opt_xml("mc", "mc-one")).await, 200);
     assert!(n3.get_text("/opt/mc").await.contains("mc-one"));
     assert_eq!(n2.put_opt("mc", &opt_xml("mc", "mc-two")).await, 200);
     assert!(reads_until(&n3, "/opt/mc", "mc-two").await.is_some());
@@ -670,7 +670,7 @@ async fn dns_nodes_find_each_other_and_a_pod_added_later_joins() {
             n.base
         );
     }
-    assert_eq!(n4.put_opt("dn", &opt_xml("dn", "dn-one")).await, 201);
+    assert_eq!(n4.put_opt("dn", &opt_xml("dn", "dn-one")).await, 200);
     assert!(n1.get_text("/opt/dn").await.contains("dn-one"));
     assert_eq!(n4.put_opt("dn", &opt_xml("dn", "dn-two")).await, 200);
     assert!(reads_until(&n1, "/opt/dn", "dn-two").await.is_some());

@@ -17,7 +17,7 @@ use common::pg::TestDb;
 use common::{opt_xml, spawn_url, test_config, unique_tag, wait_for, TestApp};
 use openfhir_cache::app::{self, ServeOptions};
 use openfhir_cache::cluster::PeerState;
-use openfhir_cache::store::WriteMode;
+use openfhir_cache::node::Put;
 
 #[tokio::test]
 async fn the_example_writes_reads_compiles_and_shuts_down() {
@@ -117,7 +117,7 @@ async fn an_embedded_node_is_a_full_cluster_member() {
     assert_eq!(
         http.put_opt("growth", &opt_xml("growth", "version-one"))
             .await,
-        201
+        200
     );
     assert!(http.get_text("/opt/growth").await.contains("version-one"));
 
@@ -127,8 +127,7 @@ async fn an_embedded_node_is_a_full_cluster_member() {
         .put_opt(
             "default",
             &opt_xml("growth", "version-two"),
-            Some("growth"),
-            WriteMode::Upsert,
+            Put::At("growth"),
         )
         .await
         .unwrap();

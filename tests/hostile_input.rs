@@ -1144,7 +1144,7 @@ proptest! {
 fn flow_nesting_within_the_limit_is_read() {
     let nested = |d: usize| {
         format!(
-            "type: model\nmetadata: {{name: m}}\nspec: {{openEhrConfig: {{archetype: a}}}}\nx-deep: {}1{}\n",
+            "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {{name: m, version: '1'}}\nspec: {{system: FHIR, version: R4, openEhrConfig: {{archetype: a}}}}\nx-deep: {}1{}\n",
             "[".repeat(d),
             "]".repeat(d)
         )
@@ -1167,7 +1167,7 @@ fn flow_nesting_within_the_limit_is_read() {
 /// A model whose `b` list repeats an alias of an `n`-element anchor `n` times.
 fn alias_square(n: usize) -> String {
     format!(
-        "type: model\nmetadata: {{name: m}}\nspec: {{openEhrConfig: {{archetype: a}}}}\na: &a [{}1]\nb: [{}*a]\n",
+        "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {{name: m, version: '1'}}\nspec: {{system: FHIR, version: R4, openEhrConfig: {{archetype: a}}}}\na: &a [{}1]\nb: [{}*a]\n",
         "1,".repeat(n),
         "*a,".repeat(n)
     )
@@ -1199,7 +1199,7 @@ fn yaml_alias_bombs_are_refused() {
         assert!(usage.time < Duration::from_secs(5), "{usage:?}");
     }
     // Aliases used with restraint still work.
-    let fine = "type: model\nmetadata: {name: m}\nspec: {openEhrConfig: {archetype: &arch openEHR-EHR-OBSERVATION.x.v1}}\nx-same: *arch\nmappings:\n  - &m {name: a, with: {fhir: f}}\n";
+    let fine = "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {name: m, version: '1'}\nspec: {system: FHIR, version: R4, openEhrConfig: {archetype: &arch openEHR-EHR-OBSERVATION.x.v1}}\nx-same: *arch\nmappings:\n  - &m {name: a, with: {fhir: f}}\n";
     let m = parse_model(fine, FcFormat::Yaml).unwrap();
     assert_eq!(m.extra["x-same"], "openEHR-EHR-OBSERVATION.x.v1");
     assert!(parse_fc(fine.as_bytes(), FcFormat::Yaml, FcKind::Model).is_ok());
@@ -1213,7 +1213,7 @@ fn yaml_alias_bombs_are_refused() {
 fn typed_models_cost_memory_linear_in_the_text() {
     let flat = |n: usize| {
         format!(
-            "type: model\nmetadata: {{name: m}}\nspec: {{openEhrConfig: {{archetype: a}}}}\nmappings: [{}{{}}]\n",
+            "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {{name: m, version: '1'}}\nspec: {{system: FHIR, version: R4, openEhrConfig: {{archetype: a}}}}\nmappings: [{}{{}}]\n",
             "{},".repeat(n)
         )
     };
@@ -1243,13 +1243,13 @@ fn typed_models_cost_memory_linear_in_the_text() {
 fn helper_trees_are_bounded_in_bytes() {
     let tree = TemplateTree::parse(&opt_fixture()).unwrap();
     let ctx = parse_context(
-        "type: context\ncontext: {template: {id: Growth chart}, archetypes: [OBSERVATION.height.v2], start: OBSERVATION.height.v2}\n",
+        "grammar: FHIRConnect/v1.0.0\ntype: context\nmetadata: {name: c, version: '1'}\nspec: {system: FHIR, version: R4}\ncontext: {profile: {}, template: {id: Growth chart}, archetypes: [OBSERVATION.height.v2], start: OBSERVATION.height.v2}\n",
         FcFormat::Yaml,
     )
     .unwrap();
     let n = 2_000;
     let model = format!(
-        "type: model\nmetadata: {{name: OBSERVATION.height.v2}}\nspec: {{openEhrConfig: {{archetype: openEHR-EHR-OBSERVATION.height.v2}}}}\nmappings:\n  - name: a\n    with: {{openehr: \"$archetype/{}\"}}\n    followedBy:\n      mappings: [{}]\n",
+        "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {{name: OBSERVATION.height.v2, version: '1'}}\nspec: {{system: FHIR, version: R4, openEhrConfig: {{archetype: openEHR-EHR-OBSERVATION.height.v2}}, fhirConfig: {{structureDefinition: x}}}}\nmappings:\n  - name: a\n    with: {{openehr: \"$archetype/{}\"}}\n    followedBy:\n      mappings: [{}]\n",
         "p".repeat(100_000),
         "{name: b, with: {openehr: x}},".repeat(n)
     );
@@ -1279,7 +1279,7 @@ fn fc_uploads_at_the_body_limit_peak_under_64_mib() {
             .map_or(usize::MAX, |v| v.default.parse().unwrap())
     };
     let limit = default("OPENFHIR_MAX_FC_BODY_BYTES").min(default("OPENFHIR_MAX_BODY_BYTES"));
-    let head = "type: model\nmetadata: {name: m}\nspec: {openEhrConfig: {archetype: a}}\n";
+    let head = "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {name: m, version: '1'}\nspec: {system: FHIR, version: R4, openEhrConfig: {archetype: a}}\n";
     let fill = |prefix: &str, unit: &str, suffix: &str| {
         let n = (limit - prefix.len() - suffix.len()) / unit.len();
         format!("{prefix}{}{suffix}", unit.repeat(n))

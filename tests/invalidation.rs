@@ -59,7 +59,7 @@ async fn plain_sql_changes_reach_every_node_by_notify() {
     let b = spawn_url(&a.db_url, &NOTIFY_ONLY).await;
     listening(&a).await;
     listening(&b).await;
-    assert_eq!(a.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(a.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     for n in [&a, &b] {
         assert!(n.get_text("/opt/t1").await.contains("v1"));
     }
@@ -88,7 +88,7 @@ async fn plain_sql_changes_reach_every_node_by_notify() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 201);
+    assert_eq!(r.status(), 200);
     for n in [&a, &b] {
         assert!(n.get_text("/fc/context").await.contains("t1"));
     }
@@ -115,7 +115,7 @@ async fn catch_up_alone_converges_within_about_one_interval() {
         ("OPENFHIR_CATCHUP_INTERVAL_MS", "200"),
     ])
     .await;
-    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     assert!(app.get_text("/opt/t1").await.contains("v1"));
     let started = Instant::now();
     sql_update(&app, "t1", "v2").await;
@@ -138,7 +138,7 @@ async fn catch_up_alone_converges_within_about_one_interval() {
 async fn a_change_that_commits_late_is_not_skipped() {
     let app = spawn_with(&NO_CHANNELS).await;
     for id in ["late", "early"] {
-        assert_eq!(app.put_opt(id, &opt_xml(id, "v1")).await, 201);
+        assert_eq!(app.put_opt(id, &opt_xml(id, "v1")).await, 200);
         assert!(app.get_text(&format!("/opt/{id}")).await.contains("v1"));
     }
     app.node.catch_up().await.unwrap();
@@ -190,7 +190,7 @@ async fn a_change_that_commits_late_is_not_skipped() {
 async fn the_listener_reconnects_and_catches_up_after_its_connection_is_killed() {
     let app = spawn_with(&NOTIFY_ONLY).await;
     listening(&app).await;
-    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     assert!(app.get_text("/opt/t1").await.contains("v1"));
     let name = openfhir_cache::notify::listener_application_name(app.node.id());
     let sql = app.sql().await;
@@ -228,7 +228,7 @@ async fn the_listener_reconnects_and_catches_up_after_its_connection_is_killed()
 #[tokio::test]
 async fn a_node_behind_the_retention_horizon_flushes() {
     let app = spawn_with(&NO_CHANNELS).await;
-    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     assert!(app.get_text("/opt/t1").await.contains("v1"));
     app.node.catch_up().await.unwrap();
     sql_update(&app, "t1", "v2").await;
@@ -275,7 +275,7 @@ async fn a_node_behind_the_retention_horizon_flushes() {
 async fn a_consistency_token_gives_read_your_writes_on_another_node() {
     let a = spawn_with(&NO_CHANNELS).await;
     let b = spawn_url(&a.db_url, &NO_CHANNELS).await;
-    assert_eq!(a.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(a.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     assert!(b.get_text("/opt/t1").await.contains("v1"));
     let r = a
         .req(reqwest::Method::PUT, "/opt/t1")
@@ -339,10 +339,10 @@ async fn the_node_survives_a_database_restart_and_converges() {
     let peer = spawn_url(&server.url(), &[("OPENFHIR_CATCHUP_INTERVAL_MS", "200")]).await;
     listening(&app).await;
     listening(&peer).await;
-    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     assert!(app.get_text("/opt/t1").await.contains("v1"));
     assert!(peer.get_text("/opt/t1").await.contains("v1"));
-    assert_eq!(app.put_opt("t2", &opt_xml("t2", "v1")).await, 201);
+    assert_eq!(app.put_opt("t2", &opt_xml("t2", "v1")).await, 200);
 
     server.stop();
     for path in ["/opt/t1", "/opt/t2", "/opt", "/health/ready"] {
@@ -400,7 +400,7 @@ async fn unreadable_notifications_are_counted_and_repaired_by_catch_up() {
 #[tokio::test]
 async fn a_token_the_node_cannot_reach_in_time_is_a_504() {
     let app = spawn_with(&[("OPENFHIR_CONSISTENCY_WAIT_MS", "200")]).await;
-    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 201);
+    assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     // A transaction id far in the future: no catch-up can cover it.
     let r = app
         .client
@@ -479,7 +479,7 @@ async fn changes_made_while_the_listener_is_away_are_replayed_on_reconnect() {
     listening(&app).await;
     let keys = ["k1", "k2", "k3", "k4", "k5"];
     for k in keys {
-        assert_eq!(app.put_opt(k, &opt_xml(k, "v1")).await, 201);
+        assert_eq!(app.put_opt(k, &opt_xml(k, "v1")).await, 200);
         assert!(app.get_text(&format!("/opt/{k}")).await.contains("v1"));
     }
     let db = app.db.as_ref().unwrap().name.clone();

@@ -194,7 +194,7 @@ async fn sigterm_lets_a_request_in_flight_finish() {
     s.write_all(second).await.unwrap();
     let response = read_until(&mut s, "\"templateId\"").await;
     assert!(
-        response.starts_with("HTTP/1.1 201"),
+        response.starts_with("HTTP/1.1 200"),
         "{response}\n--- stderr\n{}",
         node.stderr()
     );

@@ -1,28 +1,56 @@
-//! `/opt`, `/fc/context` and `/fc/model`: the openFHIR-compatible artifact routes.
+//! `/opt`, `/fc/context`, `/fc/model` and `/$purge`: openFHIR's state API, answered as openFHIR
+//! answers it (status codes, bodies, the JSON array of messages of a 400), plus this project's
+//! `/fc/mapper` and `/fc/helpers`.
+//!
+//! Every OPT, context and model is addressed by its id (the UUID every response carries) or by
+//! its template id or model name; an id match wins.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use super::{
     body, fc_format, require_xml, wants_yaml, with_token, ApiError, ApiResult, AppState, TenantId,
 };
 use crate::cache::Representation;
 use crate::domain::{FcDocument, FcFormat, FcList};
-use crate::store::{FcTable, WriteMode, Written};
+use crate::node::Put;
+use crate::store::{FcTable, OptSummary, Written};
 
-fn status(w: Written) -> StatusCode {
-    if w.created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
+/// An error of an openFHIR route: a 400 is a JSON array of messages, as openFHIR's
+/// `RequestValidationException` answers; every other status is this API's `{error, details}`.
+pub struct OpenFhirError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for OpenFhirError {
+    fn from(e: E) -> Self {
+        OpenFhirError(e.into())
     }
+}
+
+impl IntoResponse for OpenFhirError {
+    fn into_response(self) -> Response {
+        if self.0.status() != StatusCode::BAD_REQUEST {
+            return self.0.into_response();
+        }
+        let messages = self.0.messages();
+        (StatusCode::BAD_REQUEST, Json(messages)).into_response()
+    }
+}
+
+type OfResult = Result<Response, OpenFhirError>;
+
+/// The request id a client sent in `x-req-id` (openFHIR logs it with every write).
+fn req_id(headers: &HeaderMap) -> &str {
+    headers
+        .get("x-req-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 fn xml_text(b: &Bytes) -> ApiResult<&str> {
@@ -30,15 +58,111 @@ fn xml_text(b: &Bytes) -> ApiResult<&str> {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "OPT is not UTF-8",
-            vec![e.to_string()],
+            vec![format!("the OPT is not UTF-8: {e}")],
         )
+    })
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> Value {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .map_or(Value::Null, Value::String)
+}
+
+/// openFHIR's OPT entity: `id`, `templateId` (normalized), `originalTemplateId`,
+/// `displayTemplateId`, `content` (`"redacted"` after a write, `null` in a listing, the XML when
+/// asked by `templateId`), `user`, `organisation` (the tenant), `created`, `updated`; plus this
+/// API's `tenant` and `size`.
+fn opt_entity(s: &OptSummary, content: Value) -> Value {
+    json!({
+        "id": s.id,
+        "templateId": s.template_id,
+        "originalTemplateId": s.original_template_id,
+        "displayTemplateId": s.original_template_id,
+        "content": content,
+        "user": Value::Null,
+        "organisation": s.tenant,
+        "tenant": s.tenant,
+        "size": s.size,
+        "created": rfc3339(s.created),
+        "updated": rfc3339(s.updated),
     })
 }
 
 // ---- OPT ----
 
-pub async fn list_opts(State(node): State<AppState>, TenantId(t): TenantId) -> ApiResult<Response> {
-    Ok(Json(node.opts(&t).await?).into_response())
+/// `GET /opt?templateId=`: the tenant's OPT with that template id (normalized), as a list of
+/// at most one.
+#[derive(serde::Deserialize)]
+pub struct OptQuery {
+    #[serde(rename = "templateId")]
+    template_id: Option<String>,
+}
+
+pub async fn list_opts(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    Query(q): Query<OptQuery>,
+) -> OfResult {
+    if let Some(tid) = q.template_id.as_deref().filter(|s| !s.trim().is_empty()) {
+        // As openFHIR: the entity with its content, or an empty list.
+        let key = crate::domain::normalize_template_id(tid);
+        let found = match node.opt(&t, &key).await {
+            Ok(doc) if doc.template.normalized_id == key => Some(doc),
+            Ok(_) => None,
+            Err(e) if matches!(e.root(), crate::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let list: Vec<Value> = found
+            .into_iter()
+            .map(|doc| {
+                let s = OptSummary {
+                    id: doc.id,
+                    tenant: doc.tenant.clone(),
+                    template_id: doc.template.normalized_id.clone(),
+                    original_template_id: doc.template.template_id.clone(),
+                    size: doc.size as i64,
+                    created: doc.created,
+                    updated: doc.updated,
+                };
+                opt_entity(
+                    &s,
+                    Value::String(String::from_utf8_lossy(&doc.content).into_owned()),
+                )
+            })
+            .collect();
+        return Ok(Json(list).into_response());
+    }
+    let list: Vec<Value> = node
+        .opts(&t)
+        .await?
+        .iter()
+        .map(|s| opt_entity(s, Value::Null))
+        .collect();
+    Ok(Json(list).into_response())
+}
+
+async fn write_opt(
+    node: &AppState,
+    tenant: &str,
+    put: Put<'_>,
+    headers: &HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> OfResult {
+    require_xml(headers)?;
+    let b = body(b)?;
+    let (summary, w) = node.put_opt(tenant, xml_text(&b)?, put).await?;
+    tracing::info!(
+        req_id = req_id(headers),
+        tenant,
+        id = %summary.id,
+        template_id = %summary.template_id,
+        created = w.created,
+        "stored OPT"
+    );
+    Ok(with_token(
+        Json(opt_entity(&summary, json!("redacted"))).into_response(),
+        w.xid,
+    ))
 }
 
 pub async fn create_opt(
@@ -46,16 +170,8 @@ pub async fn create_opt(
     TenantId(t): TenantId,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    require_xml(&headers)?;
-    let b = body(b)?;
-    let (summary, w) = node
-        .put_opt(&t, xml_text(&b)?, None, WriteMode::Create)
-        .await?;
-    Ok(with_token(
-        (status(w), Json(summary)).into_response(),
-        w.xid,
-    ))
+) -> OfResult {
+    write_opt(&node, &t, Put::Create, &headers, b).await
 }
 
 pub async fn put_opt(
@@ -64,16 +180,8 @@ pub async fn put_opt(
     Path(id): Path<String>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    require_xml(&headers)?;
-    let b = body(b)?;
-    let (summary, w) = node
-        .put_opt(&t, xml_text(&b)?, Some(&id), WriteMode::Upsert)
-        .await?;
-    Ok(with_token(
-        (status(w), Json(summary)).into_response(),
-        w.xid,
-    ))
+) -> OfResult {
+    write_opt(&node, &t, Put::At(&id), &headers, b).await
 }
 
 pub async fn get_opt(
@@ -81,7 +189,7 @@ pub async fn get_opt(
     TenantId(t): TenantId,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Response> {
+) -> OfResult {
     let opt = node.opt(&t, &id).await?;
     let wants_json = headers
         .get(header::ACCEPT)
@@ -91,30 +199,69 @@ pub async fn get_opt(
         return Ok(Json(&*opt).into_response());
     }
     Ok((
-        [(header::CONTENT_TYPE, "application/xml")],
+        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
         opt.content.clone(),
     )
         .into_response())
+}
+
+/// A DELETE answers 204 whether or not there was something to delete, as openFHIR's does; the
+/// consistency token comes only with a delete that happened.
+fn deleted(xid: Option<u64>) -> Response {
+    let r = StatusCode::NO_CONTENT.into_response();
+    match xid {
+        Some(xid) => with_token(r, xid),
+        None => r,
+    }
 }
 
 pub async fn delete_opt(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     Path(id): Path<String>,
-) -> ApiResult<Response> {
+    headers: HeaderMap,
+) -> OfResult {
     let xid = node.delete_opt(&t, &id).await?;
+    tracing::info!(req_id = req_id(&headers), tenant = %t, path = %id, deleted = xid.is_some(), "delete OPT");
+    Ok(deleted(xid))
+}
+
+// ---- purge ----
+
+/// `GET /$purge`: deletes the tenant's OPTs, contexts and models; 204.
+pub async fn purge(
+    State(node): State<AppState>,
+    TenantId(t): TenantId,
+    headers: HeaderMap,
+) -> OfResult {
+    let xid = node.purge(&t).await?;
+    tracing::info!(req_id = req_id(&headers), tenant = %t, "purged the tenant's state");
     Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
 }
 
 // ---- FHIR Connect: shared response shapes ----
 
-/// One document: its JSON by default; with `Accept: ...yaml` the YAML as uploaded (or converted).
-/// Rendered once per cached document (see [`crate::cache::Rendered`]).
+/// A document as openFHIR answers it: its fields, with its `id`.
+fn with_id(doc: &FcDocument) -> Value {
+    let mut out = Map::new();
+    out.insert("id".to_string(), json!(doc.uuid));
+    if let Value::Object(fields) = &*doc.json {
+        for (k, v) in fields {
+            if k != "id" {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// One document: JSON with its `id` by default; with `Accept: ...yaml` the YAML as uploaded (or
+/// converted). Rendered once per cached document (see [`crate::cache::Rendered`]).
 fn document(doc: &FcDocument, headers: &HeaderMap) -> ApiResult<Response> {
     if !wants_yaml(headers) {
         let body = doc
             .rendered
-            .get_or_render(Representation::Json, || to_json(&*doc.json))?;
+            .get_or_render(Representation::Json, || to_json(&with_id(doc)))?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
     }
     let body = doc
@@ -123,33 +270,18 @@ fn document(doc: &FcDocument, headers: &HeaderMap) -> ApiResult<Response> {
             FcFormat::Yaml => Ok(Bytes::copy_from_slice(doc.content.as_bytes())),
             FcFormat::Json => to_yaml(&*doc.json),
         })?;
-    Ok(([(header::CONTENT_TYPE, "application/yaml")], body).into_response())
+    Ok(([(header::CONTENT_TYPE, "application/x-yaml")], body).into_response())
 }
 
-/// A list of contexts or models: metadata plus each document, as JSON or YAML. Rendered once per
-/// cached list, so a cached GET of every context costs no serialization.
+/// A list of contexts or models: an array of documents with their ids, as JSON or YAML.
+/// Rendered once per cached list, so a cached GET of every context costs no serialization.
 fn listing(list: &FcList, headers: &HeaderMap) -> ApiResult<Response> {
-    /// One element: the document's metadata with the document itself under `document`.
-    #[derive(serde::Serialize)]
-    struct Item<'a> {
-        #[serde(flatten)]
-        meta: &'a FcDocument,
-        document: &'a serde_json::Value,
-    }
-    let items = || -> Vec<Item<'_>> {
-        list.docs
-            .iter()
-            .map(|d| Item {
-                meta: d,
-                document: &d.json,
-            })
-            .collect()
-    };
+    let items = || list.docs.iter().map(|d| with_id(d)).collect::<Vec<_>>();
     if wants_yaml(headers) {
         let body = list
             .rendered
             .get_or_render(Representation::Yaml, || to_yaml(&items()))?;
-        return Ok(([(header::CONTENT_TYPE, "application/yaml")], body).into_response());
+        return Ok(([(header::CONTENT_TYPE, "application/x-yaml")], body).into_response());
     }
     let body = list
         .rendered
@@ -177,8 +309,48 @@ fn to_yaml<T: serde::Serialize + ?Sized>(v: &T) -> ApiResult<Bytes> {
     })
 }
 
-fn written(doc: FcDocument, w: Written) -> Response {
-    with_token((status(w), Json(json!(doc))).into_response(), w.xid)
+/// `POST` (create) or `PUT` of a FHIR Connect document in `table`: 200 with the stored document
+/// and its id (YAML when asked), and the consistency token.
+async fn write_fc(
+    node: &AppState,
+    table: FcTable,
+    tenant: &str,
+    put: Put<'_>,
+    headers: &HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> OfResult {
+    let fmt = fc_format(headers)?;
+    let b = body(b)?;
+    let (doc, w): (FcDocument, Written) = node.put_fc(table, tenant, &b, fmt, put).await?;
+    tracing::info!(
+        req_id = req_id(headers),
+        tenant,
+        id = %doc.uuid,
+        key = %doc.id,
+        created = w.created,
+        "stored {}",
+        table.what()
+    );
+    Ok(with_token(document(&doc, headers)?, w.xid))
+}
+
+async fn delete_fc(
+    node: &AppState,
+    table: FcTable,
+    tenant: &str,
+    path: &str,
+    headers: &HeaderMap,
+) -> OfResult {
+    let xid = node.delete_artifact(table.into(), tenant, path).await?;
+    tracing::info!(
+        req_id = req_id(headers),
+        tenant,
+        path,
+        deleted = xid.is_some(),
+        "delete {}",
+        table.what()
+    );
+    Ok(deleted(xid))
 }
 
 // ---- contexts ----
@@ -187,34 +359,9 @@ pub async fn list_contexts(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     headers: HeaderMap,
-) -> ApiResult<Response> {
+) -> OfResult {
     let list = node.contexts(&t).await?;
-    listing(&list, &headers)
-}
-
-/// `POST` (create) or `PUT` (create or replace) of a FHIR Connect document in `table`.
-async fn put_fc(
-    node: &AppState,
-    table: FcTable,
-    tenant: &str,
-    path_id: Option<&str>,
-    headers: &HeaderMap,
-    b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    let fmt = fc_format(headers)?;
-    let b = body(b)?;
-    let mode = if path_id.is_some() {
-        WriteMode::Upsert
-    } else {
-        WriteMode::Create
-    };
-    let (doc, w) = node.put_fc(table, tenant, &b, fmt, path_id, mode).await?;
-    Ok(written(doc, w))
-}
-
-async fn delete_fc(node: &AppState, table: FcTable, tenant: &str, id: &str) -> ApiResult<Response> {
-    let xid = node.delete_fc(table, tenant, id).await?;
-    Ok(with_token(StatusCode::NO_CONTENT.into_response(), xid))
+    Ok(listing(&list, &headers)?)
 }
 
 pub async fn create_context(
@@ -222,8 +369,8 @@ pub async fn create_context(
     TenantId(t): TenantId,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    put_fc(&node, FcTable::Context, &t, None, &headers, b).await
+) -> OfResult {
+    write_fc(&node, FcTable::Context, &t, Put::Create, &headers, b).await
 }
 
 pub async fn put_context(
@@ -232,8 +379,8 @@ pub async fn put_context(
     Path(id): Path<String>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    put_fc(&node, FcTable::Context, &t, Some(&id), &headers, b).await
+) -> OfResult {
+    write_fc(&node, FcTable::Context, &t, Put::At(&id), &headers, b).await
 }
 
 pub async fn get_context(
@@ -241,16 +388,17 @@ pub async fn get_context(
     TenantId(t): TenantId,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Response> {
-    document(&*node.context(&t, &id).await?, &headers)
+) -> OfResult {
+    Ok(document(&*node.context(&t, &id).await?, &headers)?)
 }
 
 pub async fn delete_context(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     Path(id): Path<String>,
-) -> ApiResult<Response> {
-    delete_fc(&node, FcTable::Context, &t, &id).await
+    headers: HeaderMap,
+) -> OfResult {
+    delete_fc(&node, FcTable::Context, &t, &id, &headers).await
 }
 
 // ---- models ----
@@ -259,13 +407,13 @@ pub async fn list_models(
     State(node): State<AppState>,
     TenantId(t): TenantId,
     headers: HeaderMap,
-) -> ApiResult<Response> {
+) -> OfResult {
     // Models are not cached as a list: this list and its rendering live for one request.
     let list = FcList {
         docs: node.models(&t).await?.into_iter().map(Arc::new).collect(),
         rendered: Default::default(),
     };
-    listing(&list, &headers)
+    Ok(listing(&list, &headers)?)
 }
 
 pub async fn create_model(
@@ -273,35 +421,36 @@ pub async fn create_model(
     TenantId(t): TenantId,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    put_fc(&node, FcTable::Model, &t, None, &headers, b).await
+) -> OfResult {
+    write_fc(&node, FcTable::Model, &t, Put::Create, &headers, b).await
 }
 
 pub async fn put_model(
     State(node): State<AppState>,
     TenantId(t): TenantId,
-    Path(name): Path<String>,
+    Path(id): Path<String>,
     headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    put_fc(&node, FcTable::Model, &t, Some(&name), &headers, b).await
+) -> OfResult {
+    write_fc(&node, FcTable::Model, &t, Put::At(&id), &headers, b).await
 }
 
 pub async fn get_model(
     State(node): State<AppState>,
     TenantId(t): TenantId,
-    Path(name): Path<String>,
+    Path(id): Path<String>,
     headers: HeaderMap,
-) -> ApiResult<Response> {
-    document(&node.model(&t, &name).await?, &headers)
+) -> OfResult {
+    Ok(document(&node.model(&t, &id).await?, &headers)?)
 }
 
 pub async fn delete_model(
     State(node): State<AppState>,
     TenantId(t): TenantId,
-    Path(name): Path<String>,
-) -> ApiResult<Response> {
-    delete_fc(&node, FcTable::Model, &t, &name).await
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> OfResult {
+    delete_fc(&node, FcTable::Model, &t, &id, &headers).await
 }
 
 // ---- compiled artifacts ----
@@ -318,7 +467,9 @@ pub async fn get_mapper(
         "models": s["models"],
         "byArchetype": s["by_archetype"],
         "mergedExtensions": s["merged_extensions"],
-        "compiledAt": m.compiled_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "warnings": s["warnings"],
+        "start": s["start"],
+        "compiledAt": rfc3339(m.compiled_at),
         "node": m.node,
         "compileMicros": m.compile_us,
     }))

@@ -29,6 +29,16 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The messages of an openFHIR-style error body (a JSON array): every detail, or the
+    /// summary when there is none.
+    pub fn messages(&self) -> Vec<String> {
+        if self.details.is_empty() {
+            vec![self.error.clone()]
+        } else {
+            self.details.clone()
+        }
+    }
 }
 
 impl From<Error> for ApiError {
@@ -40,6 +50,7 @@ impl From<Error> for ApiError {
             }
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, root.to_string(), vec![]),
             Error::Conflict(m) => (StatusCode::CONFLICT, m.clone(), vec![]),
+            Error::Duplicate(m) => (StatusCode::BAD_REQUEST, m.clone(), vec![]),
             Error::Unprocessable { message, details } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 message.clone(),

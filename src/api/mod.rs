@@ -87,7 +87,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(artifacts::list_contexts).post(artifacts::create_context),
         )
         .route(
-            "/fc/context/{template_id}",
+            "/fc/context/{id}",
             get(artifacts::get_context)
                 .put(artifacts::put_context)
                 .delete(artifacts::delete_context),
@@ -97,7 +97,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(artifacts::list_models).post(artifacts::create_model),
         )
         .route(
-            "/fc/model/{name}",
+            "/fc/model/{id}",
             get(artifacts::get_model)
                 .put(artifacts::put_model)
                 .delete(artifacts::delete_model),
@@ -109,14 +109,15 @@ pub fn router(node: Arc<Node>) -> Router {
             get(artifacts::list_opts).post(artifacts::create_opt),
         )
         .route(
-            "/opt/{template_id}",
+            "/opt/{id}",
             get(artifacts::get_opt)
                 .put(artifacts::put_opt)
                 .delete(artifacts::delete_opt),
         )
         .merge(fc)
-        .route("/fc/mapper/{template_id}", get(artifacts::get_mapper))
-        .route("/fc/helpers/{template_id}", get(artifacts::get_helpers))
+        .route("/$purge", get(artifacts::purge))
+        .route("/fc/mapper/{id}", get(artifacts::get_mapper))
+        .route("/fc/helpers/{id}", get(artifacts::get_helpers))
         .route("/tenants", get(tenants::list))
         .route(
             "/tenants/{id}",
@@ -145,7 +146,24 @@ pub fn router(node: Arc<Node>) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(http.request_timeout_secs),
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &axum::http::Request<axum::body::Body>| {
+                    // openFHIR's clients send `x-req-id`; every log line of the request names it.
+                    let req_id = req
+                        .headers()
+                        .get("x-req-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        uri = %req.uri(),
+                        req_id,
+                    )
+                },
+            ),
+        )
         .with_state(node)
 }
 

@@ -4,7 +4,7 @@
 
 use crate::domain::FcFormat;
 use crate::node::Node;
-use crate::store::WriteMode;
+use crate::node::Put;
 
 use super::{BenchError, BenchResult};
 
@@ -56,36 +56,23 @@ pub async fn seed(node: &Node, tenant: &str) -> BenchResult<()> {
     node.put_tenant(tenant, "openfhir-cache bench", &serde_json::json!({}))
         .await
         .map_err(step("create the bench tenant"))?;
-    node.put_opt(tenant, OPT, None, WriteMode::Upsert)
+    node.put_opt(tenant, OPT, Put::Upsert)
         .await
         .map_err(step("upload the growth-chart OPT"))?;
     for m in MODELS {
-        node.put_model(
-            tenant,
-            m.as_bytes(),
-            FcFormat::Yaml,
-            None,
-            WriteMode::Upsert,
-        )
-        .await
-        .map_err(step("upload a model"))?;
+        node.put_model(tenant, m.as_bytes(), FcFormat::Yaml, Put::Upsert)
+            .await
+            .map_err(step("upload a model"))?;
     }
-    node.put_context(
-        tenant,
-        CONTEXT.as_bytes(),
-        FcFormat::Yaml,
-        None,
-        WriteMode::Upsert,
-    )
-    .await
-    .map_err(step("upload the growth-chart context"))?;
+    node.put_context(tenant, CONTEXT.as_bytes(), FcFormat::Yaml, Put::Upsert)
+        .await
+        .map_err(step("upload the growth-chart context"))?;
     for n in 1..=EXTRA_CONTEXTS {
         node.put_context(
             tenant,
             extra_context(n).as_bytes(),
             FcFormat::Yaml,
-            None,
-            WriteMode::Upsert,
+            Put::Upsert,
         )
         .await
         .map_err(step("upload a context"))?;

@@ -19,7 +19,7 @@ use super::harness::{node_err, sql, Fleet, Harness, Linking, NodeSpec};
 use super::stats::{Recorder, Summary};
 use super::{data, BenchError, BenchResult};
 use crate::cache::Change;
-use crate::store::WriteMode;
+use crate::node::Put;
 
 /// Nodes in the propagation clusters.
 pub const NODES: usize = 3;
@@ -250,12 +250,7 @@ pub async fn run(h: &Harness) -> BenchResult<PropagationReport> {
     );
     let nf = notify.fleet();
     nf.node(0)
-        .put_opt(
-            &h.tenant,
-            &data::small_opt("pn", "v0"),
-            None,
-            WriteMode::Upsert,
-        )
+        .put_opt(&h.tenant, &data::small_opt("pn", "v0"), Put::Upsert)
         .await
         .map_err(node_err("seed the NOTIFY row"))?;
     let mut prx = hook(pf, &peers);
@@ -448,12 +443,7 @@ pub async fn run(h: &Harness) -> BenchResult<PropagationReport> {
     );
     let f = fleet.fleet();
     f.node(0)
-        .put_opt(
-            &h.tenant,
-            &data::small_opt("pc", "v0"),
-            None,
-            WriteMode::Upsert,
-        )
+        .put_opt(&h.tenant, &data::small_opt("pc", "v0"), Put::Upsert)
         .await
         .map_err(node_err("seed the catch-up row"))?;
     let mut rx = hook(f, &peers);

@@ -7,6 +7,7 @@
 //! Every invalidation, whatever delivered it (the local write path, a peer, NOTIFY, catch-up or an
 //! operator's `POST /caches/evict`), goes through [`Caches::apply`], which asks [`targets`].
 
+mod ids;
 mod rendered;
 mod versioned;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use ids::IdIndex;
 pub use rendered::{Rendered, Representation};
 pub use versioned::{cache_key, StatsSnapshot, VersionedCache};
 
@@ -313,6 +315,8 @@ pub struct Caches {
     pub mapper: VersionedCache<crate::domain::mapper::CompiledMapper>,
     /// `tenant:templateId` -> helper tree (hand out copies, see `Node::helpers_copy`).
     pub helpers: VersionedCache<crate::domain::helpers::HelperTree>,
+    /// Artifact id (UUID) -> key: a self-checking hint for reads by id (see [`IdIndex`]).
+    pub ids: IdIndex,
     custom: std::sync::RwLock<std::collections::HashMap<String, Arc<dyn CustomGroup>>>,
 }
 
@@ -340,6 +344,7 @@ impl Caches {
             tenant: VersionedCache::new("tenant", cfg.tenant_ttl),
             mapper: VersionedCache::new("mapper", cfg.fhir_connect_ttl),
             helpers: VersionedCache::new("helpers", cfg.fhir_connect_ttl),
+            ids: IdIndex::default(),
             custom: Default::default(),
         }
     }
@@ -429,13 +434,14 @@ impl Caches {
         }
     }
 
-    /// Arms an eviction for a write about to be made. Call [`EvictGuard::committed`] after
-    /// COMMIT; if the write's future is dropped first (client gone, timeout) the guard still
-    /// invalidates on drop, because the write may have committed.
-    pub fn guard(&self, change: Change) -> EvictGuard<'_> {
+    /// Arms the evictions of a write about to be made (a write that renames an artifact changes
+    /// two keys). Call [`EvictGuard::committed`] after COMMIT; if the write's future is dropped
+    /// first (client gone, timeout) the guard still invalidates on drop, because the write may
+    /// have committed.
+    pub fn guard(&self, changes: Vec<Change>) -> EvictGuard<'_> {
         EvictGuard {
             caches: self,
-            change: Some(change),
+            changes: Some(changes),
         }
     }
 
@@ -468,29 +474,32 @@ impl Caches {
 #[must_use = "an unused guard invalidates at once"]
 pub struct EvictGuard<'a> {
     caches: &'a Caches,
-    change: Option<Change>,
+    changes: Option<Vec<Change>>,
 }
 
 impl EvictGuard<'_> {
     /// The write committed: evict now, completely.
-    pub async fn committed(mut self) -> Change {
-        let change = self
-            .change
-            .take()
-            .expect("armed until committed or dropped");
-        self.caches.apply(&change).await;
-        change
+    pub async fn committed(mut self) -> Vec<Change> {
+        let changes = self.changes.take().unwrap_or_default();
+        // All unservable before the first await, as in `apply`.
+        for c in &changes {
+            self.caches.invalidate_now(c);
+        }
+        for c in &changes {
+            self.caches.purge(c).await;
+        }
+        changes
     }
 
     /// The write certainly changed nothing (e.g. a conflict): evict nothing.
     pub fn disarm(mut self) {
-        self.change = None;
+        self.changes = None;
     }
 }
 
 impl Drop for EvictGuard<'_> {
     fn drop(&mut self) {
-        if let Some(change) = self.change.take() {
+        for change in self.changes.take().unwrap_or_default() {
             self.caches.invalidate_now(&change);
         }
     }
@@ -619,19 +628,20 @@ mod tests {
         };
 
         // A write whose future is dropped after arming (e.g. the client went away after COMMIT).
-        drop(caches.guard(change.clone()));
+        drop(caches.guard(vec![change.clone()]));
         assert!(
             !caches.tenant.contains("a", None).await,
             "dropped guard made the entry unservable"
         );
 
         caches.tenant.get_or_load("a", None, tenant).await.unwrap();
-        caches.guard(change.clone()).disarm();
+        caches.guard(vec![change.clone()]).disarm();
         assert!(
             caches.tenant.contains("a", None).await,
             "a disarmed guard evicts nothing"
         );
-        assert_eq!(caches.guard(change.clone()).committed().await, change);
+        let committed = caches.guard(vec![change.clone()]).committed().await;
+        assert_eq!(committed, std::slice::from_ref(&change));
         assert!(!caches.tenant.contains("a", None).await);
     }
 

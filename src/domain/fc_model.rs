@@ -1,10 +1,28 @@
 //! Typed FHIR Connect documents: contexts ([`ContextDocument`]) and models or extensions
-//! ([`ModelDocument`]), with validation that reports every problem of a file at once.
+//! ([`ModelDocument`]), and the upload rules, which are openFHIR's.
 //!
-//! Every struct keeps the fields it does not know in `extra`, so a document read and written back
-//! loses nothing (except explicit `null`s of typed fields, which read as absent). Fields that may be
-//! invalid in a way the validator should report (`unidirectional`, `extension`) stay strings;
-//! [`Mapping::direction`] and [`Mapping::extension_kind`] read them.
+//! # What is accepted
+//! openFHIR reads an upload into its typed model and checks that against its JSON schemas
+//! (`contextual-mapping.schema.json`, `model-mapping.schema.json`); nothing else refuses a file at
+//! upload. [`ContextDocument::validate`] and [`ModelDocument::validate`] are those rules, written
+//! out once here:
+//! * scalars are read the way openFHIR's reader reads them: a number or a boolean where text is
+//!   expected is that text (`version: 1.0`), `null` is absent;
+//! * the enumerations openFHIR's reader knows are compared exactly as it compares them, case
+//!   included: `type` (`context`, `model`, `extension`), `spec.system` (`FHIR`), `spec.version`
+//!   (`R4`, `R4B`, `R5`, `STU3`) and a mapping's `extension` (`add`, `append`, `overwrite`);
+//! * the schemas' required fields and patterns: `grammar` (`FHIRConnect/vX.Y.Z`), `metadata.name`
+//!   and `.version`, `spec.system` and `.version`, a context's `profile`, `template`, `archetypes`
+//!   and `start`, a mapping's `name`, a condition's `targetRoot` and `operator` (an openEHR
+//!   condition also `targetAttribute` or `targetAttributes`), `followedBy.mappings`,
+//!   `reference.resourceType` and `.mappings`, `openEhrConfig.archetype` and
+//!   `fhirConfig.structureDefinition` (a URI) when those objects are given.
+//!
+//! Everything else is accepted: `with` may be absent (an extension's `append` has none), an
+//! `overwrite` needs no `appendTo` (openFHIR overwrites the mapping of the same name), and
+//! `unidirectional` is any text (the engine compares it case-insensitively, see
+//! [`Direction::parse`]). Unlike openFHIR's YAML reader, unknown fields are not refused: every
+//! struct keeps them in `extra`, so a document read and written back loses nothing.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -30,14 +48,73 @@ impl std::fmt::Display for FieldError {
     }
 }
 
+/// Scalars read the way openFHIR's (Jackson's) reader reads them into text fields.
+mod lenient {
+    use serde::de::{Deserialize, Deserializer, Error};
+    use serde_json::Value;
+
+    fn what(v: &Value) -> &'static str {
+        match v {
+            Value::Array(_) => "a list",
+            Value::Object(_) => "a mapping",
+            _ => "a scalar",
+        }
+    }
+
+    fn text(v: Value) -> Result<Option<String>, String> {
+        match v {
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(s)),
+            Value::Number(n) => Ok(Some(n.to_string())),
+            Value::Bool(b) => Ok(Some(b.to_string())),
+            other => Err(format!("expected text, found {}", what(&other))),
+        }
+    }
+
+    /// Text; a number or boolean is its text, `null` is absent.
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        text(Value::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    /// A list of text values (each read as [`string`]); `null` is absent.
+    pub fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            Value::Array(items) => items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| match text(v) {
+                    Ok(Some(s)) => Ok(s),
+                    // openFHIR keeps a null list item; it names nothing, so it reads as empty.
+                    Ok(None) => Ok(String::new()),
+                    Err(e) => Err(D::Error::custom(format!("item {i}: {e}"))),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            other => Err(D::Error::custom(format!(
+                "expected a list of text values, found {}",
+                what(&other)
+            ))),
+        }
+    }
+}
+
 /// `metadata`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Metadata {
     /// The document's name; a model's key (`OBSERVATION.height.v2`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// The document's own version.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub version: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -48,7 +125,11 @@ pub struct Metadata {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct OpenEhrConfig {
     /// Full archetype id (`openEHR-EHR-OBSERVATION.height.v2`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub archetype: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -60,7 +141,11 @@ pub struct OpenEhrConfig {
 #[serde(rename_all = "camelCase")]
 pub struct FhirConfig {
     /// Profile URL; the resource type is its last segment.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub structure_definition: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -80,10 +165,18 @@ impl FhirConfig {
 #[serde(rename_all = "camelCase")]
 pub struct Spec {
     /// `FHIR`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub system: Option<String>,
     /// `R4`, `R4B`, `R5` or `STU3`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub version: Option<String>,
     /// Model: the archetype it maps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,7 +185,11 @@ pub struct Spec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fhir_config: Option<FhirConfig>,
     /// Extension: the `metadata.name` of the model it extends.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub extends: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -103,10 +200,18 @@ pub struct Spec {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Profile {
     /// The FHIR profile URL that selects this context.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub url: Option<String>,
     /// Profile version.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub version: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -117,10 +222,18 @@ pub struct Profile {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct TemplateRef {
     /// The raw template id (`Growth chart`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub id: Option<String>,
     /// The template's semantic version.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub sem_ver: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -137,13 +250,25 @@ pub struct Context {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<TemplateRef>,
     /// Model names (`metadata.name`) of the core models.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::strings",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub archetypes: Option<Vec<String>>,
     /// Model names of extensions.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::strings",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub extensions: Option<Vec<String>>,
     /// The root model name or archetype id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub start: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -154,10 +279,19 @@ pub struct Context {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ContextDocument {
     /// `FHIRConnect/vX.Y.Z`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub grammar: Option<String>,
     /// `context`.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "type",
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kind: Option<String>,
     /// Name and version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,17 +311,34 @@ pub struct ContextDocument {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct With {
     /// FHIRPath-like path (`$resource.value`, `$fhirRoot...`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub fhir: Option<String>,
     /// openEHR path (`$archetype/...`, `$composition/...`, `$reference/...`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub openehr: Option<String>,
     /// Data type hint.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "type",
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kind: Option<String>,
     /// A fixed value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<Value>,
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub value: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
     pub extra: Extra,
@@ -198,20 +349,47 @@ pub struct With {
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
     /// Where the condition is evaluated.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub target_root: Option<String>,
     /// The attribute tested.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub target_attribute: Option<String>,
     /// Several attributes tested.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::strings",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub target_attributes: Option<Vec<String>>,
     /// `one of`, `not of`, `type`, ...
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub operator: Option<String>,
     /// What the attribute is compared with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub criteria: Option<String>,
+    /// Several values compared with.
+    #[serde(
+        default,
+        deserialize_with = "lenient::strings",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub criterias: Option<Vec<String>>,
     /// Unknown fields.
     #[serde(flatten)]
     pub extra: Extra,
@@ -238,6 +416,9 @@ pub struct Preprocessor {
     /// Condition on the FHIR side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fhir_condition: Option<Condition>,
+    /// Several conditions on the FHIR side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_conditions: Option<Vec<Condition>>,
     /// Condition on the openEHR side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub openehr_condition: Option<Condition>,
@@ -265,7 +446,11 @@ pub struct FollowedBy {
 #[serde(rename_all = "camelCase")]
 pub struct Reference {
     /// The referenced FHIR resource type.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub resource_type: Option<String>,
     /// Mappings of the referenced resource.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,11 +464,19 @@ pub struct Reference {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ManualEntry {
     /// Path on that side.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub path: Option<String>,
     /// The value.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<Value>,
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub value: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
     pub extra: Extra,
@@ -291,9 +484,14 @@ pub struct ManualEntry {
 
 /// A `manual[]` entry: fixed values per side.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Manual {
     /// Entry name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// Values on the FHIR side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,6 +499,12 @@ pub struct Manual {
     /// Values on the openEHR side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub openehr: Option<Vec<ManualEntry>>,
+    /// Condition on the FHIR side under which the values apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fhir_condition: Option<Condition>,
+    /// Condition on the openEHR side under which the values apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub openehr_condition: Option<Condition>,
     /// Unknown fields.
     #[serde(flatten)]
     pub extra: Extra,
@@ -317,12 +521,17 @@ pub enum Direction {
 }
 
 impl Direction {
-    /// Reads `openehr->fhir` / `fhir->openehr`.
+    /// Reads `openehr->fhir` / `fhir->openehr`, ignoring case (`openEHR->fhir`), as openFHIR's
+    /// engine compares them. Any other text restricts nothing: the engine maps such a mapping in
+    /// both directions, and so reads `None` here.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "openehr->fhir" => Some(Direction::OpenEhrToFhir),
-            "fhir->openehr" => Some(Direction::FhirToOpenEhr),
-            _ => None,
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("openehr->fhir") {
+            Some(Direction::OpenEhrToFhir)
+        } else if s.eq_ignore_ascii_case("fhir->openehr") {
+            Some(Direction::FhirToOpenEhr)
+        } else {
+            None
         }
     }
 }
@@ -333,14 +542,17 @@ impl Direction {
 pub enum ExtensionKind {
     /// `add`: a new mapping.
     Add,
-    /// `append`: appended to the mapping named by `appendTo`.
+    /// `append`: conditions and `followedBy` mappings added to the mapping `appendTo` names.
     Append,
-    /// `overwrite`: replaces the mapping named by `appendTo`.
+    /// `overwrite`: replaces the core mapping of the same name.
     Overwrite,
 }
 
 impl ExtensionKind {
-    /// Reads `add` / `append` / `overwrite`.
+    /// Every kind's name, as written in a document.
+    pub const NAMES: [&'static str; 3] = ["add", "append", "overwrite"];
+
+    /// Reads `add` / `append` / `overwrite`, exactly (openFHIR's reader is case-sensitive here).
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "add" => Some(ExtensionKind::Add),
@@ -349,14 +561,27 @@ impl ExtensionKind {
             _ => None,
         }
     }
+
+    /// The name as written in a document.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExtensionKind::Add => "add",
+            ExtensionKind::Append => "append",
+            ExtensionKind::Overwrite => "overwrite",
+        }
+    }
 }
 
 /// One mapping of a model.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Mapping {
-    /// Its name (unique within the model; `appendTo` refers to it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its name (`appendTo` and an `overwrite` refer to it).
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// The two sides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -374,19 +599,36 @@ pub struct Mapping {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<Reference>,
     /// A model whose mappers are pulled in at this slot.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub slot_archetype: Option<String>,
     /// Fixed values per side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual: Option<Vec<Manual>>,
-    /// `openehr->fhir` or `fhir->openehr`; see [`Mapping::direction`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// `openehr->fhir` or `fhir->openehr`, any case; see [`Mapping::direction`].
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub unidirectional: Option<String>,
     /// Extensions: `add`, `append` or `overwrite`; see [`Mapping::extension_kind`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub extension: Option<String>,
-    /// Extensions: the core mapping appended to or overwritten.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Extensions: the core mapping an `append` adds to (`name`, or `name.child` for a mapping
+    /// inside `followedBy`).
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub append_to: Option<String>,
     /// Unknown fields.
     #[serde(flatten)]
@@ -394,12 +636,12 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// The parsed `unidirectional`; `None` when absent or invalid.
+    /// The parsed `unidirectional`; `None` when absent or not a direction.
     pub fn direction(&self) -> Option<Direction> {
         self.unidirectional.as_deref().and_then(Direction::parse)
     }
 
-    /// The parsed `extension`; `None` when absent or invalid.
+    /// The parsed `extension`; `None` when absent (uploads refuse any other value).
     pub fn extension_kind(&self) -> Option<ExtensionKind> {
         self.extension.as_deref().and_then(ExtensionKind::parse)
     }
@@ -409,10 +651,19 @@ impl Mapping {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct ModelDocument {
     /// `FHIRConnect/vX.Y.Z`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub grammar: Option<String>,
     /// `model` or `extension`.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "type",
+        deserialize_with = "lenient::string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kind: Option<String>,
     /// Name and version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -432,10 +683,6 @@ pub struct ModelDocument {
     /// Unknown fields.
     #[serde(flatten)]
     pub extra: Extra,
-}
-
-fn blank(s: &Option<String>) -> bool {
-    s.as_deref().is_none_or(|s| s.trim().is_empty())
 }
 
 /// Most validation problems listed for one document; the rest are counted in one last entry.
@@ -460,6 +707,29 @@ impl Errors {
             });
         }
     }
+    /// A required field: present (any value, empty text included, as the schemas read it).
+    fn require<T>(&mut self, v: &Option<T>, path: &str, why: &str) {
+        if v.is_none() {
+            self.push(path, format!("is missing: {why}"));
+        }
+    }
+    /// An enumeration openFHIR's reader compares exactly.
+    fn one_of(&mut self, v: &Option<String>, path: &str, allowed: &[&str]) {
+        match v {
+            None => self.push(
+                path,
+                format!("is missing: expected one of {}", list(allowed)),
+            ),
+            Some(s) if !allowed.contains(&s.as_str()) => self.push(
+                path,
+                format!(
+                    "is {s:?}; expected one of {} (exactly, case included)",
+                    list(allowed)
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
     fn finish(mut self) -> std::result::Result<(), Vec<FieldError>> {
         if self.0.is_empty() {
             return Ok(());
@@ -475,50 +745,122 @@ impl Errors {
     }
 }
 
+fn list(allowed: &[&str]) -> String {
+    allowed
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The FHIR versions a document's `spec.version` may name.
+pub const FHIR_VERSIONS: [&str; 4] = ["R4", "R4B", "R5", "STU3"];
+
+/// `grammar`: `FHIRConnect/v` and a three-part version number.
+fn grammar_ok(g: &str) -> bool {
+    let Some(v) = g.strip_prefix("FHIRConnect/v") else {
+        return false;
+    };
+    let parts: Vec<&str> = v.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A URI reference as `java.net.URI` accepts one (the schema's `format: uri`): no whitespace,
+/// control characters or `<>"{}|\^\``, and every `%` followed by two hex digits.
+fn uri_ok(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                if !(b.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && b.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+                {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            c if c <= b' ' || c == 0x7f => return false,
+            b'<' | b'>' | b'"' | b'{' | b'}' | b'|' | b'\\' | b'^' | b'`' => return false,
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The fields every document has: `grammar`, `metadata`, `spec.system` and `spec.version`.
+fn validate_common(
+    grammar: &Option<String>,
+    metadata: &Option<Metadata>,
+    spec: &Option<Spec>,
+    e: &mut Errors,
+) {
+    match grammar {
+        None => e.push("grammar", "is missing: expected FHIRConnect/vX.Y.Z"),
+        Some(g) if !grammar_ok(g) => e.push(
+            "grammar",
+            format!("is {g:?}; expected FHIRConnect/v followed by a version such as 1.0.0"),
+        ),
+        Some(_) => {}
+    }
+    match metadata {
+        None => e.push(
+            "metadata",
+            "is missing: give metadata.name and metadata.version",
+        ),
+        Some(m) => {
+            e.require(&m.name, "metadata.name", "every document needs a name");
+            e.require(
+                &m.version,
+                "metadata.version",
+                "every document needs a version",
+            );
+        }
+    }
+    match spec {
+        None => e.push(
+            "spec",
+            "is missing: give spec.system (FHIR) and spec.version",
+        ),
+        Some(s) => {
+            e.one_of(&s.system, "spec.system", &["FHIR"]);
+            e.one_of(&s.version, "spec.version", &FHIR_VERSIONS);
+        }
+    }
+}
+
 impl ContextDocument {
-    /// Checks the context; returns every problem found.
+    /// Checks the context against openFHIR's rules (see the [module docs](self)); returns every
+    /// problem found.
     pub fn validate(&self) -> std::result::Result<(), Vec<FieldError>> {
         let mut e = Errors::new();
-        if let Some(k) = &self.kind {
-            if k.trim() != "context" {
-                e.push("type", format!("is {k:?}; a context has type: context"));
+        validate_common(&self.grammar, &self.metadata, &self.spec, &mut e);
+        e.one_of(&self.kind, "type", &["context"]);
+        match &self.context {
+            None => e.push("context", "is missing: a context document needs a context"),
+            Some(c) => {
+                e.require(&c.profile, "context.profile", "name the FHIR profile");
+                e.require(
+                    &c.template,
+                    "context.template",
+                    "name the OPT this context maps",
+                );
+                e.require(
+                    &c.archetypes,
+                    "context.archetypes",
+                    "list the models it uses",
+                );
+                e.require(
+                    &c.start,
+                    "context.start",
+                    "name the root model or archetype id",
+                );
             }
-        }
-        let Some(c) = &self.context else {
-            e.push("context", "is missing: a context document needs a context");
-            return e.finish();
-        };
-        if blank(&c.template.as_ref().and_then(|t| t.id.clone())) {
-            e.push(
-                "context.template.id",
-                "is missing: name the OPT this context maps",
-            );
-        }
-        match &c.archetypes {
-            None => e.push("context.archetypes", "is missing: list the models it uses"),
-            Some(a) if a.is_empty() => {
-                e.push("context.archetypes", "is empty: list the models it uses")
-            }
-            Some(a) => {
-                for (i, name) in a.iter().enumerate() {
-                    if name.trim().is_empty() {
-                        e.push(format!("context.archetypes[{i}]"), "is empty");
-                    }
-                }
-            }
-        }
-        if let Some(x) = &c.extensions {
-            for (i, name) in x.iter().enumerate() {
-                if name.trim().is_empty() {
-                    e.push(format!("context.extensions[{i}]"), "is empty");
-                }
-            }
-        }
-        if blank(&c.start) {
-            e.push(
-                "context.start",
-                "is missing: name the root model or archetype id",
-            );
         }
         e.finish()
     }
@@ -527,12 +869,28 @@ impl ContextDocument {
     pub fn template_id(&self) -> Option<&str> {
         self.context.as_ref()?.template.as_ref()?.id.as_deref()
     }
+
+    /// `context.archetypes` (empty when absent).
+    pub fn archetypes(&self) -> &[String] {
+        self.context
+            .as_ref()
+            .and_then(|c| c.archetypes.as_deref())
+            .unwrap_or_default()
+    }
+
+    /// `context.extensions` (empty when absent).
+    pub fn extensions(&self) -> &[String] {
+        self.context
+            .as_ref()
+            .and_then(|c| c.extensions.as_deref())
+            .unwrap_or_default()
+    }
 }
 
 impl ModelDocument {
     /// True for `type: extension`.
     pub fn is_extension(&self) -> bool {
-        self.kind.as_deref().map(str::trim) == Some("extension")
+        self.kind.as_deref() == Some("extension")
     }
 
     /// `metadata.name`.
@@ -560,105 +918,129 @@ impl ModelDocument {
         self.mappings.as_deref().unwrap_or_default()
     }
 
-    /// Checks the model or extension; returns every problem found.
+    /// Checks the model or extension against openFHIR's rules (see the [module docs](self));
+    /// returns every problem found.
     pub fn validate(&self) -> std::result::Result<(), Vec<FieldError>> {
         let mut e = Errors::new();
-        let ext = self.is_extension();
-        if let Some(k) = &self.kind {
-            if !matches!(k.trim(), "model" | "extension") {
-                e.push("type", format!("is {k:?}; expected model or extension"));
-            }
-        }
-        if blank(&self.metadata.as_ref().and_then(|m| m.name.clone())) {
-            e.push("metadata.name", "is missing: every model needs a name");
-        }
-        let spec = self.spec.as_ref();
-        if ext {
-            if blank(&spec.and_then(|s| s.extends.clone())) {
-                e.push(
-                    "spec.extends",
-                    "is missing: an extension names the model it extends",
+        validate_common(&self.grammar, &self.metadata, &self.spec, &mut e);
+        e.one_of(&self.kind, "type", &["model", "extension"]);
+        if let Some(spec) = &self.spec {
+            if let Some(o) = &spec.open_ehr_config {
+                e.require(
+                    &o.archetype,
+                    "spec.openEhrConfig.archetype",
+                    "name the archetype the model maps",
                 );
             }
-        } else if blank(&self.archetype().map(str::to_string)) {
-            e.push(
-                "spec.openEhrConfig.archetype",
-                "is missing: a model names the archetype it maps",
-            );
+            if let Some(f) = &spec.fhir_config {
+                match &f.structure_definition {
+                    None => e.push(
+                        "spec.fhirConfig.structureDefinition",
+                        "is missing: name the FHIR profile the model maps",
+                    ),
+                    Some(sd) if !uri_ok(sd) => e.push(
+                        "spec.fhirConfig.structureDefinition",
+                        format!("is {sd:?}, not a URI"),
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+        if let Some(p) = &self.preprocessor {
+            if let Some(c) = &p.fhir_condition {
+                validate_condition(c, "preprocessor.fhirCondition", false, &mut e);
+            }
+            if let Some(c) = &p.openehr_condition {
+                validate_condition(c, "preprocessor.openehrCondition", true, &mut e);
+            }
         }
         for (i, m) in self.mappings().iter().enumerate() {
-            validate_mapping(m, &format!("mappings[{i}]"), ext, &mut e);
+            validate_mapping(m, &format!("mappings[{i}]"), &mut e);
         }
         e.finish()
     }
 }
 
-fn validate_list(list: &Option<Vec<Mapping>>, at: &str, e: &mut Errors) {
-    for (i, m) in list.iter().flatten().enumerate() {
-        validate_mapping(m, &format!("{at}.mappings[{i}]"), false, e);
+fn validate_condition(c: &Condition, at: &str, openehr: bool, e: &mut Errors) {
+    e.require(
+        &c.target_root,
+        &format!("{at}.targetRoot"),
+        "say where it is evaluated",
+    );
+    e.require(
+        &c.operator,
+        &format!("{at}.operator"),
+        "say how it compares",
+    );
+    if openehr && c.target_attribute.is_none() && c.target_attributes.is_none() {
+        e.push(
+            format!("{at}.targetAttribute"),
+            "is missing: give targetAttribute or targetAttributes",
+        );
     }
 }
 
-fn validate_mapping(m: &Mapping, at: &str, top_level_extension: bool, e: &mut Errors) {
-    if blank(&m.name) {
-        e.push(
-            format!("{at}.name"),
-            "is missing: every mapping needs a name",
-        );
-    }
-    match &m.with {
-        None => e.push(
-            format!("{at}.with"),
-            "is missing: give with.fhir and/or with.openehr",
-        ),
-        Some(w) if blank(&w.fhir) && blank(&w.openehr) => e.push(
-            format!("{at}.with"),
-            "has neither fhir nor openehr: give at least one of them",
-        ),
-        Some(_) => {}
-    }
-    if let Some(u) = &m.unidirectional {
-        if Direction::parse(u.trim()).is_none() {
+fn validate_mapping(m: &Mapping, at: &str, e: &mut Errors) {
+    e.require(&m.name, &format!("{at}.name"), "every mapping needs a name");
+    if let Some(x) = &m.extension {
+        if ExtensionKind::parse(x).is_none() {
             e.push(
-                format!("{at}.unidirectional"),
-                format!("is {u:?}; expected \"openehr->fhir\" or \"fhir->openehr\""),
+                format!("{at}.extension"),
+                format!(
+                    "is {x:?}; expected one of {} (exactly, case included)",
+                    list(&ExtensionKind::NAMES)
+                ),
             );
         }
     }
-    if top_level_extension {
-        match m.extension.as_deref().map(str::trim) {
-            None | Some("") => e.push(
-                format!("{at}.extension"),
-                "is missing: an extension's mapping says add, append or overwrite",
-            ),
-            Some(x) => match ExtensionKind::parse(x) {
-                None => e.push(
-                    format!("{at}.extension"),
-                    format!("is {x:?}; expected add, append or overwrite"),
-                ),
-                Some(ExtensionKind::Append | ExtensionKind::Overwrite) if blank(&m.append_to) => e
-                    .push(
-                        format!("{at}.appendTo"),
-                        format!("is missing: extension: {x} names the core mapping it changes"),
-                    ),
-                Some(_) => {}
-            },
-        }
+    if let Some(c) = &m.fhir_condition {
+        validate_condition(c, &format!("{at}.fhirCondition"), false, e);
+    }
+    if let Some(c) = &m.openehr_condition {
+        validate_condition(c, &format!("{at}.openehrCondition"), true, e);
     }
     if let Some(f) = &m.followed_by {
-        validate_list(&f.mappings, &format!("{at}.followedBy"), e);
+        let at = format!("{at}.followedBy");
+        match &f.mappings {
+            None => e.push(
+                format!("{at}.mappings"),
+                "is missing: list the child mappings",
+            ),
+            Some(list) => validate_list(list, &at, e),
+        }
     }
     if let Some(r) = &m.reference {
-        validate_list(&r.mappings, &format!("{at}.reference"), e);
+        let at = format!("{at}.reference");
+        e.require(
+            &r.resource_type,
+            &format!("{at}.resourceType"),
+            "name the referenced resource type",
+        );
+        match &r.mappings {
+            None => e.push(
+                format!("{at}.mappings"),
+                "is missing: list the mappings of the reference",
+            ),
+            Some(list) => validate_list(list, &at, e),
+        }
     }
 }
 
-fn read_value(text: &str, format: FcFormat) -> Result<Value> {
+fn validate_list(list: &[Mapping], at: &str, e: &mut Errors) {
+    for (i, m) in list.iter().enumerate() {
+        validate_mapping(m, &format!("{at}.mappings[{i}]"), e);
+    }
+}
+
+/// Reads a document's text as a JSON value (YAML through [`read_yaml`]).
+///
+/// [`read_yaml`]: crate::domain::fhir_connect::read_yaml
+pub(crate) fn read_value(text: &str, format: FcFormat) -> Result<Value> {
     let v: Value = match format {
         FcFormat::Json => serde_json::from_str(text)
-            .map_err(|e| Error::invalid("malformed JSON", e.to_string()))?,
+            .map_err(|e| Error::invalid("malformed JSON", format!("malformed JSON: {e}")))?,
         FcFormat::Yaml => crate::domain::fhir_connect::read_yaml(text)
-            .map_err(|e| Error::invalid("malformed YAML", e.to_string()))?,
+            .map_err(|e| Error::invalid("malformed YAML", format!("malformed YAML: {e}")))?,
     };
     if !v.is_object() {
         return Err(Error::invalid(
@@ -669,12 +1051,15 @@ fn read_value(text: &str, format: FcFormat) -> Result<Value> {
     Ok(v)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T> {
+/// The typed document of a JSON value, without the upload rules (stored documents were checked
+/// when they were uploaded).
+pub fn typed<T: serde::de::DeserializeOwned>(v: &Value, what: &str) -> Result<T> {
     // serde_path_to_error names the field that has the wrong shape (`mappings[2].with`).
     serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
         Error::invalid(
             format!("invalid FHIR Connect {what}"),
-            format!("the document does not match the FHIR Connect {what} schema: {e}"),
+            format!("{path}: {}", e.into_inner()),
         )
     })
 }
@@ -689,7 +1074,7 @@ fn invalid(what: &str, errors: Vec<FieldError>) -> Error {
 /// Parses and validates a context. Every validation problem is one `path: message` detail of
 /// the [`Error::Invalid`].
 pub fn parse_context(text: &str, format: FcFormat) -> Result<ContextDocument> {
-    let doc: ContextDocument = typed(read_value(text, format)?, "context")?;
+    let doc: ContextDocument = typed(&read_value(text, format)?, "context")?;
     doc.validate().map_err(|e| invalid("context", e))?;
     Ok(doc)
 }
@@ -697,7 +1082,7 @@ pub fn parse_context(text: &str, format: FcFormat) -> Result<ContextDocument> {
 /// Parses and validates a model or extension. Every validation problem is one `path: message`
 /// detail of the [`Error::Invalid`].
 pub fn parse_model(text: &str, format: FcFormat) -> Result<ModelDocument> {
-    let doc: ModelDocument = typed(read_value(text, format)?, "model")?;
+    let doc: ModelDocument = typed(&read_value(text, format)?, "model")?;
     let what = if doc.is_extension() {
         "extension"
     } else {
@@ -711,33 +1096,130 @@ pub fn parse_model(text: &str, format: FcFormat) -> Result<ModelDocument> {
 mod tests {
     use super::*;
 
+    const HEAD: &str = "grammar: FHIRConnect/v1.0.0\nmetadata: {name: m, version: 0.0.1}\nspec: {system: FHIR, version: R4}\n";
+
+    fn model(rest: &str) -> Result<ModelDocument> {
+        parse_model(&format!("{HEAD}type: model\n{rest}"), FcFormat::Yaml)
+    }
+
+    fn details(e: Error) -> Vec<String> {
+        match e {
+            Error::Invalid { details, .. } => details,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_field_of_the_wrong_shape_is_named() {
-        let e = parse_model(
-            "type: model\nmetadata: {name: m}\nmappings: 5\n",
-            FcFormat::Yaml,
-        )
-        .unwrap_err();
+        let e = model("mappings: 5\n").unwrap_err();
         assert!(format!("{e:?}").contains("mappings"), "{e:?}");
-        let e = parse_model(
-            "type: model\nmetadata: {name: m}\nmappings:\n  - name: a\n    with: x\n",
-            FcFormat::Yaml,
-        )
-        .unwrap_err();
+        let e = model("mappings:\n  - name: a\n    with: x\n").unwrap_err();
         assert!(format!("{e:?}").contains("mappings[0].with"), "{e:?}");
     }
 
     #[test]
     fn nested_errors_are_all_reported() {
-        let yaml = "type: model\nmetadata: {name: m}\nspec: {openEhrConfig: {archetype: a}}\nmappings:\n  - name: x\n    with: {fhir: f}\n    followedBy:\n      mappings:\n        - with: {}\n          unidirectional: both\n";
-        let e = parse_model(yaml, FcFormat::Yaml).unwrap_err();
-        let Error::Invalid { details, .. } = e else {
-            panic!()
-        };
-        assert_eq!(details.len(), 3, "{details:?}");
-        assert!(details[0].starts_with("mappings[0].followedBy.mappings[0].name:"));
-        assert!(details[1].starts_with("mappings[0].followedBy.mappings[0].with:"));
-        assert!(details[2].starts_with("mappings[0].followedBy.mappings[0].unidirectional:"));
+        let yaml = "spec: {system: FHIR, version: R4, openEhrConfig: {archetype: a}}\nmappings:\n  - name: x\n    with: {fhir: f}\n    followedBy:\n      mappings:\n        - with: {}\n          extension: Add\n          fhirCondition: {targetRoot: r}\n";
+        let d = details(
+            parse_model(
+                &format!("grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {{name: m, version: '1'}}\n{yaml}"),
+                FcFormat::Yaml,
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(d[0].starts_with("mappings[0].followedBy.mappings[0].name:"));
+        assert!(d[1].starts_with("mappings[0].followedBy.mappings[0].extension:"));
+        assert!(d[2].starts_with("mappings[0].followedBy.mappings[0].fhirCondition.operator:"));
+    }
+
+    #[test]
+    fn what_openfhir_accepts_is_accepted() {
+        // Directions in any case, and text that is no direction at all.
+        for u in ["openEHR->fhir", "fhir->openEHR", "OPENEHR->FHIR", "both"] {
+            model(&format!(
+                "mappings:\n  - name: a\n    with: {{fhir: f}}\n    unidirectional: {u}\n"
+            ))
+            .unwrap();
+        }
+        // An overwrite without appendTo; an append and a followedBy mapping without `with`.
+        let ext = "grammar: FHIRConnect/v1.0.0\ntype: extension\nmetadata: {name: e, version: 1}\nspec: {system: FHIR, version: R4, extends: m}\nmappings:\n  - name: code\n    extension: overwrite\n    with: {fhir: f}\n  - name: more\n    extension: append\n    appendTo: code\n    followedBy:\n      mappings:\n        - name: child\n          manual: []\n";
+        parse_model(ext, FcFormat::Yaml).unwrap();
+        // Numbers where text is expected, empty names, no mappings at all.
+        parse_model(
+            "grammar: FHIRConnect/v0.0.1\ntype: model\nmetadata: {name: '', version: 1.0}\nspec: {system: FHIR, version: STU3}\n",
+            FcFormat::Yaml,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn what_openfhir_refuses_is_refused() {
+        let d = details(parse_model("type: Model\n", FcFormat::Yaml).unwrap_err());
+        let joined = d.join("\n");
+        for field in ["grammar:", "metadata:", "spec:", "type:"] {
+            assert!(joined.contains(field), "{field} in {joined}");
+        }
+        let d = details(
+            parse_model(
+                "grammar: FHIRConnect/1.0\ntype: model\nmetadata: {name: m}\nspec: {system: fhir, version: r4, fhirConfig: {structureDefinition: 'not a uri'}}\n",
+                FcFormat::Yaml,
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(d.len(), 5, "{d:?}");
+        let d = details(
+            model("mappings:\n  - name: a\n    openehrCondition: {targetRoot: r, operator: one of}\n    reference: {mappings: []}\n    followedBy: {}\n")
+                .unwrap_err(),
+        );
+        assert_eq!(
+            d,
+            [
+                "mappings[0].openehrCondition.targetAttribute: is missing: give targetAttribute or targetAttributes",
+                "mappings[0].followedBy.mappings: is missing: list the child mappings",
+                "mappings[0].reference.resourceType: is missing: name the referenced resource type",
+            ]
+        );
+    }
+
+    #[test]
+    fn directions_and_kinds() {
+        assert_eq!(
+            Direction::parse("openEHR->FHIR"),
+            Some(Direction::OpenEhrToFhir)
+        );
+        assert_eq!(
+            Direction::parse(" fhir->openehr "),
+            Some(Direction::FhirToOpenEhr)
+        );
+        assert_eq!(Direction::parse("both"), None);
+        assert_eq!(
+            ExtensionKind::parse("overwrite"),
+            Some(ExtensionKind::Overwrite)
+        );
+        assert_eq!(ExtensionKind::parse("Overwrite"), None);
+    }
+
+    #[test]
+    fn grammar_and_uri_rules() {
+        assert!(grammar_ok("FHIRConnect/v1.0.0"));
+        assert!(grammar_ok("FHIRConnect/v10.20.300"));
+        for bad in [
+            "FHIRConnect/1.0.0",
+            "FHIRConnect/v1.0",
+            "fhirconnect/v1.0.0",
+            "FHIRConnect/v1.0.0a",
+        ] {
+            assert!(!grammar_ok(bad), "{bad}");
+        }
+        assert!(uri_ok(
+            "http://hl7.org/fhir/StructureDefinition/Observation"
+        ));
+        assert!(uri_ok("urn:oid:1.2.3"));
+        assert!(uri_ok("a%20b"));
+        for bad in ["a b", "a%2", "a%zz", "<x>", "a\"b"] {
+            assert!(!uri_ok(bad), "{bad}");
+        }
     }
 
     #[test]

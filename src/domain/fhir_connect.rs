@@ -77,122 +77,57 @@ pub struct ParsedFc {
     pub json: serde_json::Value,
 }
 
-/// Describes a required string field that is absent or not a non-empty string.
-fn missing(v: &serde_json::Value, path: &[&str], why: &str) -> String {
-    let dotted = path.join(".");
-    let mut node = v;
-    for p in path {
-        match node.get(p) {
-            Some(n) => node = n,
-            None => return format!("{dotted} is missing: {why}"),
-        }
-    }
-    match node {
-        serde_json::Value::String(_) => format!("{dotted} is empty: {why}"),
-        other => format!("{dotted} must be a string, not {other}: {why}"),
-    }
-}
-
-fn str_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
-    let mut node = v;
-    for p in path {
-        node = node.get(p)?;
-    }
-    node.as_str().map(str::trim).filter(|s| !s.is_empty())
-}
-
 /// Parses and validates a FHIR Connect document uploaded to `/fc/context` (`expect` = Context)
-/// or `/fc/model` (`expect` = Model; extensions are accepted there too).
+/// or `/fc/model` (`expect` = Model; extensions are accepted there too), by openFHIR's rules
+/// ([`crate::domain::fc_model`]).
 pub fn parse_fc(body: &[u8], format: FcFormat, expect: FcKind) -> Result<ParsedFc> {
-    let text = std::str::from_utf8(body)
-        .map_err(|e| Error::invalid("document is not UTF-8", e.to_string()))?;
-    let json: serde_json::Value = match format {
-        FcFormat::Json => serde_json::from_str(text)
-            .map_err(|e| Error::invalid("malformed JSON", e.to_string()))?,
-        FcFormat::Yaml => {
-            read_yaml(text).map_err(|e| Error::invalid("malformed YAML", e.to_string()))?
-        }
-    };
+    use crate::domain::fc_model::{read_value, typed, ContextDocument, ModelDocument};
+    let text = std::str::from_utf8(body).map_err(|e| {
+        Error::invalid(
+            "document is not UTF-8",
+            format!("document is not UTF-8: {e}"),
+        )
+    })?;
     if text.contains('\0') {
         return Err(Error::invalid(
             "invalid document",
             "the document contains a NUL byte",
         ));
     }
+    let json = read_value(text, format)?;
     crate::domain::reject_nul("document", &json)?;
-    if !json.is_object() {
-        return Err(Error::invalid(
-            "not a FHIR Connect document",
-            "the document must be a mapping with grammar, type, metadata and spec",
-        ));
-    }
-    let declared = json
-        .get("type")
-        .map(|t| t.as_str().unwrap_or("").trim().to_string());
-    let kind = match (expect, declared.as_deref()) {
-        (FcKind::Context, None | Some("context")) => FcKind::Context,
-        (FcKind::Model | FcKind::Extension, None | Some("model")) => FcKind::Model,
-        (FcKind::Model | FcKind::Extension, Some("extension")) => FcKind::Extension,
-        (_, Some(other)) => {
-            let allowed = if expect == FcKind::Context {
-                "context"
-            } else {
-                "model or extension"
-            };
-            return Err(Error::invalid(
-                "wrong document type",
-                format!("type: {other:?} cannot be uploaded here; expected {allowed}"),
-            ));
-        }
+    let invalid = |what: &str, errors: Vec<crate::domain::fc_model::FieldError>| Error::Invalid {
+        message: format!("invalid FHIR Connect {what}"),
+        details: errors.iter().map(ToString::to_string).collect(),
     };
-    let mut details = Vec::new();
-    let (key, display_id) = match kind {
-        FcKind::Context => match str_at(&json, &["context", "template", "id"]) {
-            Some(id) => (crate::domain::normalize_template_id(id), id.to_string()),
-            None => {
-                details.push(missing(
-                    &json,
-                    &["context", "template", "id"],
-                    "name the OPT this context maps",
-                ));
-                (String::new(), String::new())
-            }
-        },
-        FcKind::Model | FcKind::Extension => match str_at(&json, &["metadata", "name"]) {
-            Some(name) => (name.to_string(), name.to_string()),
-            None => {
-                details.push(missing(
-                    &json,
-                    &["metadata", "name"],
-                    "every model needs a name",
-                ));
-                (String::new(), String::new())
-            }
-        },
-    };
-    let extends = str_at(&json, &["spec", "extends"]).map(str::to_string);
-    if kind == FcKind::Extension && extends.is_none() {
-        details
-            .push("spec.extends is missing: an extension names the model it extends".to_string());
-    }
-    if !details.is_empty() {
-        return Err(Error::Invalid {
-            message: format!("invalid FHIR Connect {}", kind.as_str()),
-            details,
+    if expect == FcKind::Context {
+        let doc: ContextDocument = typed(&json, "context")?;
+        doc.validate().map_err(|e| invalid("context", e))?;
+        // openFHIR does not require context.template.id; without one the key is empty.
+        let raw = doc.template_id().unwrap_or_default().to_string();
+        return Ok(ParsedFc {
+            kind: FcKind::Context,
+            key: crate::domain::normalize_template_id(&raw),
+            display_id: raw,
+            archetype: None,
+            extends: None,
+            json,
         });
     }
-    let what = if kind == FcKind::Context {
-        "template id"
+    let doc: ModelDocument = typed(&json, "model")?;
+    let kind = if doc.is_extension() {
+        FcKind::Extension
     } else {
-        "model name"
+        FcKind::Model
     };
-    crate::domain::validate_artifact_id(what, &key)?;
+    doc.validate().map_err(|e| invalid(kind.as_str(), e))?;
+    let name = doc.name().unwrap_or_default().to_string();
     Ok(ParsedFc {
         kind,
-        key,
-        display_id,
-        archetype: str_at(&json, &["spec", "openEhrConfig", "archetype"]).map(str::to_string),
-        extends,
+        key: name.clone(),
+        display_id: name,
+        archetype: doc.archetype().map(str::to_string),
+        extends: doc.extends().map(str::to_string),
         json,
     })
 }
@@ -356,6 +291,9 @@ mod yaml {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FcDocument {
+    /// The server-assigned id.
+    #[serde(rename = "uuid")]
+    pub uuid: uuid::Uuid,
     /// Tenant id.
     pub tenant: String,
     /// Context, model or extension.
@@ -423,7 +361,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(&e, Error::Invalid { details, .. } if details[0].contains("context.template.id"))
+            matches!(&e, Error::Invalid { details, .. } if details.iter().any(|d| d.contains("context.template"))),
+            "{e:?}"
         );
         let e = parse_fc(
             b"type: model\nmetadata: {}\n",
@@ -432,10 +371,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(&e, Error::Invalid { details, .. } if details[0].contains("metadata.name"))
+            matches!(&e, Error::Invalid { details, .. } if details.iter().any(|d| d.contains("metadata.name"))),
+            "{e:?}"
         );
         let e = parse_fc(b"type: context\n", FcFormat::Yaml, FcKind::Model).unwrap_err();
-        assert!(e.to_string().contains("wrong document type"));
+        assert!(
+            matches!(&e, Error::Invalid { details, .. } if details.iter().any(|d| d.starts_with("type: is \"context\""))),
+            "{e:?}"
+        );
         assert!(parse_fc(b"a: [", FcFormat::Yaml, FcKind::Model).is_err());
         assert!(parse_fc(b"{", FcFormat::Json, FcKind::Model).is_err());
         assert!(parse_fc(b"- 1\n- 2\n", FcFormat::Yaml, FcKind::Model).is_err());

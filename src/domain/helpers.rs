@@ -108,29 +108,29 @@ pub fn build(index: &MapperIndex, template: &TemplateTree) -> HelperTree {
         .map(str::trim)
         .filter(|s| !s.is_empty());
     let mut roots = Vec::new();
-    match start.and_then(|s| index.resolve(s)) {
-        Some((name, model)) => roots = b.model(name, model, None, 1),
-        None => {
-            let root_archetype = template.root().archetype_id.as_deref();
-            if start.is_none() || start != root_archetype {
-                b.unresolved.push(match start {
-                    None => "start: the context has no context.start".to_string(),
-                    Some(s) => format!(
-                        "start: '{s}' is neither a model of the context nor the template's root archetype"
-                    ),
-                });
-            }
-            let mut seen = std::collections::BTreeSet::new();
-            for name in ctx
-                .and_then(|c| c.archetypes.as_deref())
-                .unwrap_or_default()
-            {
-                if let Some((name, model)) = index.by_model.get_key_value(name.trim()) {
-                    if seen.insert(name.as_str()) {
-                        roots.extend(b.model(name, model, None, 1));
-                    }
+    let starting = start.map(|s| index.resolve(s)).unwrap_or_default();
+    if starting.is_empty() {
+        let root_archetype = template.root().archetype_id.as_deref();
+        if start.is_none() || start != root_archetype {
+            b.unresolved.push(match start {
+                None => "start: the context has no context.start".to_string(),
+                Some(s) => format!(
+                    "start: '{s}' is neither a model of the context nor the template's root archetype"
+                ),
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for name in index.context.archetypes() {
+            if let Some((name, model)) = index.by_model.get_key_value(name.trim()) {
+                if seen.insert(name.as_str()) {
+                    roots.extend(b.model(name, model, None, 1));
                 }
             }
+        }
+    } else {
+        // Every model the start designates (several may map its archetype), in order.
+        for (name, model) in starting {
+            roots.extend(b.model(name, model, None, 1));
         }
     }
     HelperTree {
@@ -300,20 +300,27 @@ impl Builder<'_> {
                 children.push(self.mapping(model, c, &ref_scope, depth + 1));
             }
             if let Some(slot) = slot {
-                match self.index.resolve(slot) {
-                    None => self.report(format!(
+                let targets: Vec<(String, std::sync::Arc<ModelDocument>)> = self
+                    .index
+                    .resolve(slot)
+                    .into_iter()
+                    .map(|(n, m)| (n.to_string(), std::sync::Arc::clone(m)))
+                    .collect();
+                if targets.is_empty() {
+                    self.report(format!(
                         "slot: {model}/{name}: '{slot}' names no model of the context"
-                    )),
-                    Some((target, _)) if self.branch.iter().any(|b| b == target) => {
+                    ));
+                }
+                // Every model of the slotted archetype is pulled in, as openFHIR's engine does.
+                for (target, tm) in targets {
+                    if self.branch.contains(&target) {
                         self.report(format!(
                             "cycle: {model}/{name}: {} -> {target} is not expanded again",
                             self.branch.join(" -> ")
-                        ))
+                        ));
+                        continue;
                     }
-                    Some((target, tm)) => {
-                        let (target, tm) = (target.to_string(), std::sync::Arc::clone(tm));
-                        children.extend(self.model(&target, &tm, here.as_deref(), depth + 1));
-                    }
+                    children.extend(self.model(&target, &tm, here.as_deref(), depth + 1));
                 }
             }
         }

@@ -1,6 +1,11 @@
 //! The mapper index of a (tenant, template): the context's core models with its extensions merged
 //! in, indexed by model name and by archetype id.
 //!
+//! Models and extensions are resolved the way openFHIR's engine resolves them (see [`compile`]):
+//! several models may map one archetype, a name the context lists but nobody uploaded is left
+//! out, and an extension step that finds nothing to change is skipped. Those are
+//! [`MapperIndex::warnings`]; only what the engine itself cannot get past fails the compile.
+//!
 //! [`compile`] is pure: it merges into *clones* of the models it is given, so shared (cached)
 //! documents are never mutated, and it reports every problem at once in a [`CompileError`].
 
@@ -21,10 +26,17 @@ pub struct MapperIndex {
     pub context: Arc<ContextDocument>,
     /// The merged core models, by `metadata.name`.
     pub by_model: BTreeMap<String, Arc<ModelDocument>>,
-    /// Archetype id (`spec.openEhrConfig.archetype`) -> model name.
-    pub by_archetype: BTreeMap<String, String>,
-    /// The extensions merged, in the order they were merged (`context.extensions` order).
+    /// Archetype id (`spec.openEhrConfig.archetype`) -> the names of the models that map it, in
+    /// `context.archetypes` order.
+    pub by_archetype: BTreeMap<String, Vec<String>>,
+    /// The extensions merged into at least one model, in `context.extensions` order.
     pub merged_extensions: Vec<String>,
+    /// What the compile left out, as openFHIR's engine leaves it out: names not uploaded,
+    /// extensions of models the context does not use, `appendTo` or `overwrite` targets not found.
+    pub warnings: Vec<String>,
+    /// `context.start` as the engine reads it: the archetype of the first model it designates,
+    /// else as written.
+    pub start: Option<String>,
 }
 
 /// A compiled mapper index with where and when it was compiled: the `mapper` cache's value.
@@ -49,25 +61,34 @@ pub struct CompileError {
 }
 
 impl MapperIndex {
-    /// The model a name or an archetype id designates: a model name first, then an archetype id,
-    /// then `openEHR-EHR-<name>` as an archetype id (`CLUSTER.device.v1` written for
-    /// `openEHR-EHR-CLUSTER.device.v1`).
-    pub fn resolve(&self, name_or_archetype: &str) -> Option<(&str, &Arc<ModelDocument>)> {
+    /// The models a name or an archetype id designates, as the engine looks a key up: the model
+    /// of that name, then the models of that archetype id; failing both, the models of archetype
+    /// `openEHR-EHR-<key>` (`CLUSTER.device.v1` written for `openEHR-EHR-CLUSTER.device.v1`).
+    pub fn resolve(&self, name_or_archetype: &str) -> Vec<(&str, &Arc<ModelDocument>)> {
         let key = name_or_archetype.trim();
+        let mut found: Vec<(&str, &Arc<ModelDocument>)> = Vec::new();
         if let Some((k, m)) = self.by_model.get_key_value(key) {
-            return Some((k.as_str(), m));
+            found.push((k.as_str(), m));
         }
-        let model = self
-            .by_archetype
-            .get(key)
-            .or_else(|| self.by_archetype.get(&format!("openEHR-EHR-{key}")))?;
-        self.by_model
-            .get_key_value(model)
-            .map(|(k, m)| (k.as_str(), m))
+        let archetype = self.by_archetype.get(key).or_else(|| {
+            found
+                .is_empty()
+                .then(|| self.by_archetype.get(&format!("openEHR-EHR-{key}")))
+                .flatten()
+        });
+        for name in archetype.into_iter().flatten() {
+            if let Some((k, m)) = self.by_model.get_key_value(name) {
+                if !found.iter().any(|(f, _)| *f == k.as_str()) {
+                    found.push((k.as_str(), m));
+                }
+            }
+        }
+        found
     }
 
     /// A JSON summary: `models` (name -> `{archetype, mappings}` with the mapping count),
-    /// `by_archetype`, `merged_extensions`, and the `template_id`.
+    /// `by_archetype` (archetype -> model names), `merged_extensions`, `warnings`, `start` and
+    /// the `template_id`.
     pub fn summary(&self) -> Value {
         let models: serde_json::Map<String, Value> = self
             .by_model
@@ -84,131 +105,152 @@ impl MapperIndex {
             "models": models,
             "by_archetype": self.by_archetype,
             "merged_extensions": self.merged_extensions,
+            "warnings": self.warnings,
+            "start": self.start,
         })
     }
 }
 
 /// Compiles the mapper index of `context` from the uploaded `models` (models and extensions,
-/// keyed by `metadata.name`).
+/// keyed by `metadata.name`), as openFHIR's engine does.
 ///
-/// Loads the models named in `context.archetypes` and the extensions in `context.extensions`,
-/// and merges every extension mapping into a clone of the model its extension `extends`:
-/// - `add`: the mapping is appended to the model's mappings;
-/// - `append`: the extension mapping's `followedBy.mappings` (or, when it has none, the mapping
-///   itself) are appended to the `followedBy.mappings` of the model's mapping named by `appendTo`;
-/// - `overwrite`: the model's mapping named by `appendTo` is replaced by the extension mapping.
+/// * Core models: the documents named in `context.archetypes` (repeats once). Names nobody
+///   uploaded are left out with a warning; none found at all fails.
+/// * Extensions: the documents named in `context.extensions`, merged into a clone of every core
+///   model whose name their `spec.extends` gives, in `context.extensions` order, each mapping by
+///   its `extension` kind:
+///   - `add`: appended to the model's mappings;
+///   - `append`: the mapping `appendTo` names (`a`, or `a.b` for mapping `b` in `a`'s
+///     `followedBy`) takes the extension mapping's `fhirCondition` and `openehrCondition` when it
+///     has them, and its `followedBy.mappings` at the end of its own (`with` is not appended);
+///   - `overwrite`: the model's mapping of the same name (at any depth of `followedBy`) is
+///     replaced by the extension mapping.
 ///
-/// Extensions are merged in `context.extensions` order, so a later one sees what an earlier one
-/// added. Names listed twice are loaded once. `models` is never modified.
+///   A target not found is skipped with a warning, as is an extension of a model the context
+///   does not use; names not uploaded are left out with a warning, none found at all fails. The
+///   last merged extension with a `terminology` gives the model its terminology.
+/// * Index: every core model by name and by archetype (several models per archetype are normal).
 ///
-/// Fails with every problem found: the template not uploaded (`template_uploaded == false`), no
-/// template id or no archetypes in the context, a model or extension not uploaded (or of the
-/// wrong type), a model without archetype or two models of one archetype, an extension without
-/// `extends` or extending a model not in `context.archetypes`, a mapping with a missing or
-/// unknown `extension` kind, an `append`/`overwrite` without `appendTo` or whose `appendTo` names
-/// no mapping of the model.
+/// Fails, with every problem found, only where the engine cannot go on: the template not
+/// uploaded (`template_uploaded == false`), no core model found, a core model without
+/// `spec.openEhrConfig` or `spec.fhirConfig`, an extension without `spec.extends`, an extension
+/// mapping without an `extension` kind, an `append` without `appendTo`. `models` is never
+/// modified.
 pub fn compile(
     context: &ContextDocument,
     models: &BTreeMap<String, ModelDocument>,
     template_uploaded: bool,
 ) -> Result<MapperIndex, CompileError> {
     let mut missing = Vec::new();
-    let ctx = context.context.as_ref();
+    let mut warnings = Vec::new();
 
     let raw_template_id = context.template_id().map(str::trim).unwrap_or_default();
     let template_id = crate::domain::normalize_template_id(raw_template_id);
-    if raw_template_id.is_empty() {
-        missing.push("the context has no context.template.id".to_string());
-    } else if !template_uploaded {
+    if !template_uploaded {
         missing.push(format!("template '{template_id}' is not uploaded"));
     }
 
     // Core models, cloned: the merge below works on these copies only.
-    let archetypes = ctx
-        .and_then(|c| c.archetypes.as_deref())
-        .unwrap_or_default();
-    if archetypes.is_empty() {
-        missing.push("the context names no model in context.archetypes".to_string());
-    }
+    let mut order: Vec<String> = Vec::new();
     let mut working: BTreeMap<String, ModelDocument> = BTreeMap::new();
-    let mut by_archetype: BTreeMap<String, String> = BTreeMap::new();
-    for name in unique(archetypes) {
-        let Some(model) = models.get(name) else {
-            missing.push(format!(
-                "model '{name}' named in context.archetypes is not uploaded"
-            ));
-            continue;
-        };
-        if model.is_extension() {
-            missing.push(format!(
-                "'{name}' named in context.archetypes is an extension, not a model"
-            ));
-            continue;
-        }
-        match model.archetype().map(str::trim).filter(|a| !a.is_empty()) {
-            None => missing.push(format!(
-                "model '{name}' has no spec.openEhrConfig.archetype"
+    let names = unique(context.archetypes());
+    for name in &names {
+        match models.get(*name) {
+            None => warnings.push(format!(
+                "model '{name}' named in context.archetypes is not uploaded; left out"
             )),
-            Some(archetype) => {
-                if let Some(other) = by_archetype.get(archetype) {
-                    missing.push(format!(
-                        "models '{other}' and '{name}' both map archetype '{archetype}'"
-                    ));
-                } else {
-                    by_archetype.insert(archetype.to_string(), name.to_string());
+            Some(model) => {
+                let spec = model.spec.as_ref();
+                if spec.and_then(|s| s.open_ehr_config.as_ref()).is_none() {
+                    missing.push(format!("model '{name}' has no spec.openEhrConfig"));
                 }
+                if spec.and_then(|s| s.fhir_config.as_ref()).is_none() {
+                    missing.push(format!("model '{name}' has no spec.fhirConfig"));
+                }
+                order.push(name.to_string());
+                working.insert(name.to_string(), model.clone());
             }
         }
-        working.insert(name.to_string(), model.clone());
+    }
+    if working.is_empty() {
+        missing.push(if names.is_empty() {
+            "the context names no model in context.archetypes".to_string()
+        } else {
+            format!(
+                "none of the models named in context.archetypes is uploaded ({})",
+                names.join(", ")
+            )
+        });
     }
 
     // Extensions, merged in order.
-    let extensions = ctx
-        .and_then(|c| c.extensions.as_deref())
-        .unwrap_or_default();
+    let ext_names = unique(context.extensions());
+    let mut extensions = Vec::new();
+    for name in &ext_names {
+        match models.get(*name) {
+            None => warnings.push(format!(
+                "extension '{name}' named in context.extensions is not uploaded; left out"
+            )),
+            Some(ext) => match ext.extends().map(str::trim) {
+                None => missing.push(format!("extension '{name}' has no spec.extends")),
+                Some(target) => extensions.push((*name, target, ext)),
+            },
+        }
+    }
+    if !ext_names.is_empty() && extensions.is_empty() && missing.is_empty() {
+        missing.push(format!(
+            "none of the extensions named in context.extensions is uploaded ({})",
+            ext_names.join(", ")
+        ));
+    }
     let mut merged_extensions = Vec::new();
-    for name in unique(extensions) {
-        let Some(ext) = models.get(name) else {
-            missing.push(format!(
-                "extension '{name}' named in context.extensions is not uploaded"
+    for (name, target, ext) in &extensions {
+        let Some(core) = working.get_mut(*target) else {
+            warnings.push(format!(
+                "extension '{name}' extends '{target}', which is not among the context's models; not merged"
             ));
             continue;
         };
-        if !ext.is_extension() {
-            missing.push(format!(
-                "'{name}' named in context.extensions is not an extension (type: extension)"
-            ));
-            continue;
-        }
-        let Some(target) = ext.extends().map(str::trim).filter(|t| !t.is_empty()) else {
-            missing.push(format!("extension '{name}' has no spec.extends"));
-            continue;
-        };
-        let Some(core) = working.get_mut(target) else {
-            missing.push(format!(
-                "extension '{name}' extends '{target}', which is not in context.archetypes"
-            ));
-            continue;
-        };
-        let before = missing.len();
         for (i, m) in ext.mappings().iter().enumerate() {
-            merge_mapping(name, target, i, m, core, &mut missing);
+            merge_mapping(name, target, i, m, core, &mut missing, &mut warnings);
         }
-        if missing.len() == before {
-            merged_extensions.push(name.to_string());
+        if let Some(t) = &ext.terminology {
+            core.terminology = Some(t.clone());
         }
+        merged_extensions.push(name.to_string());
     }
 
     if !missing.is_empty() {
         return Err(CompileError { missing });
     }
-    Ok(MapperIndex {
+    let mut by_archetype: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in &order {
+        if let Some(a) = working[name].archetype() {
+            by_archetype
+                .entry(a.to_string())
+                .or_default()
+                .push(name.clone());
+        }
+    }
+    let mut index = MapperIndex {
         template_id,
         context: Arc::new(context.clone()),
         by_model: working.into_iter().map(|(k, m)| (k, Arc::new(m))).collect(),
         by_archetype,
         merged_extensions,
-    })
+        warnings,
+        start: None,
+    };
+    let start = context.context.as_ref().and_then(|c| c.start.as_deref());
+    index.start = start.map(|s| {
+        index
+            .resolve(s)
+            .first()
+            .and_then(|(_, m)| m.archetype())
+            .unwrap_or(s)
+            .to_string()
+    });
+    Ok(index)
 }
 
 /// The names of a list, trimmed, without blanks and repeats, in order.
@@ -229,82 +271,86 @@ fn merge_mapping(
     m: &Mapping,
     core: &mut ModelDocument,
     missing: &mut Vec<String>,
+    warnings: &mut Vec<String>,
 ) {
     let label = match m.name.as_deref() {
         Some(n) => format!("extension '{ext}' mapping '{n}'"),
         None => format!("extension '{ext}' mappings[{i}]"),
     };
     let Some(kind) = m.extension_kind() else {
-        missing.push(match m.extension.as_deref() {
-            None => format!("{label} has no extension kind (add, append or overwrite)"),
-            Some(k) => format!("{label} has extension kind '{k}', not add, append or overwrite"),
-        });
-        return;
-    };
-    if kind == ExtensionKind::Add {
-        let taken = m.name.as_deref().is_some_and(|n| {
-            core.mappings
-                .iter()
-                .flatten()
-                .any(|c| c.name.as_deref() == Some(n))
-        });
-        if taken {
-            missing.push(format!(
-                "{label} (add) adds mapping '{}', which the model already has: use overwrite",
-                m.name.as_deref().unwrap_or_default()
-            ));
-            return;
-        }
-        core.mappings.get_or_insert_with(Vec::new).push(m.clone());
-        return;
-    }
-    let Some(append_to) = m
-        .append_to
-        .as_deref()
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-    else {
-        missing.push(format!("{label} ({}) has no appendTo", kind_name(kind)));
-        return;
-    };
-    let Some(slot) = core
-        .mappings
-        .as_mut()
-        .and_then(|ms| ms.iter_mut().find(|c| c.name.as_deref() == Some(append_to)))
-    else {
         missing.push(format!(
-            "{label}: appendTo '{append_to}' names no mapping of model '{target}'"
+            "{label} has no extension kind (add, append or overwrite)"
         ));
         return;
     };
     match kind {
+        ExtensionKind::Add => core.mappings.get_or_insert_with(Vec::new).push(m.clone()),
         ExtensionKind::Overwrite => {
-            // The replacement keeps the name it replaces, so later extensions still find it.
-            let name = slot.name.clone();
-            *slot = m.clone();
-            slot.name = name;
+            let name = m.name.as_deref().unwrap_or_default();
+            match find_by_name(core.mappings.as_deref_mut().unwrap_or_default(), name) {
+                Some(slot) => *slot = m.clone(),
+                None => warnings.push(format!(
+                    "{label} (overwrite): model '{target}' has no mapping '{name}'; not overwritten"
+                )),
+            }
         }
         _ => {
-            let added: Vec<Mapping> = match m.followed_by.as_ref().and_then(|f| f.mappings.as_ref())
-            {
-                Some(children) if !children.is_empty() => children.clone(),
-                _ => vec![m.clone()],
+            let Some(append_to) = m.append_to.as_deref() else {
+                missing.push(format!("{label} (append) has no appendTo"));
+                return;
             };
-            slot.followed_by
-                .get_or_insert_with(FollowedBy::default)
-                .mappings
-                .get_or_insert_with(Vec::new)
-                .extend(added);
+            let Some(slot) =
+                find_by_path(core.mappings.as_deref_mut().unwrap_or_default(), append_to)
+            else {
+                warnings.push(format!(
+                    "{label} (append): appendTo '{append_to}' names no mapping of model '{target}'; not appended"
+                ));
+                return;
+            };
+            if m.fhir_condition.is_some() {
+                slot.fhir_condition = m.fhir_condition.clone();
+            }
+            if m.openehr_condition.is_some() {
+                slot.openehr_condition = m.openehr_condition.clone();
+            }
+            if let Some(added) = m.followed_by.as_ref().and_then(|f| f.mappings.as_ref()) {
+                slot.followed_by
+                    .get_or_insert_with(FollowedBy::default)
+                    .mappings
+                    .get_or_insert_with(Vec::new)
+                    .extend(added.iter().cloned());
+            }
         }
     }
 }
 
-fn kind_name(kind: ExtensionKind) -> &'static str {
-    match kind {
-        ExtensionKind::Add => "add",
-        ExtensionKind::Append => "append",
-        _ => "overwrite",
+/// The mapping `path` names: `a` at this level, `a.b` mapping `b` of `a`'s `followedBy`.
+fn find_by_path<'m>(mappings: &'m mut [Mapping], path: &str) -> Option<&'m mut Mapping> {
+    let (first, rest) = match path.split_once('.') {
+        Some((f, r)) => (f, Some(r)),
+        None => (path, None),
+    };
+    let found = mappings
+        .iter_mut()
+        .find(|m| m.name.as_deref() == Some(first))?;
+    match rest {
+        None => Some(found),
+        Some(rest) => find_by_path(found.followed_by.as_mut()?.mappings.as_deref_mut()?, rest),
     }
+}
+
+/// The mapping named `name` at this level, else the first found depth first in `followedBy`.
+fn find_by_name<'m>(mappings: &'m mut [Mapping], name: &str) -> Option<&'m mut Mapping> {
+    let at = mappings
+        .iter()
+        .position(|m| m.name.as_deref() == Some(name));
+    if let Some(i) = at {
+        return mappings.get_mut(i);
+    }
+    mappings.iter_mut().find_map(|m| {
+        let children = m.followed_by.as_mut()?.mappings.as_deref_mut()?;
+        find_by_name(children, name)
+    })
 }
 
 /// Fixtures shared with the helper tests.
@@ -352,6 +398,14 @@ mod tests {
         ms.iter().filter_map(|m| m.name.as_deref()).collect()
     }
 
+    fn model_named(name: &str, archetype: &str) -> String {
+        format!("grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {{name: {name}, version: 1}}\nspec:\n  system: FHIR\n  version: R4\n  openEhrConfig: {{archetype: {archetype}}}\n  fhirConfig: {{structureDefinition: http://hl7.org/fhir/StructureDefinition/Observation}}\nmappings:\n  - name: a\n    with: {{fhir: x, openehr: $archetype}}\n")
+    }
+
+    fn extension(name: &str, extends: &str, mappings: &str) -> String {
+        format!("grammar: FHIRConnect/v1.0.0\ntype: extension\nmetadata: {{name: {name}, version: 1}}\nspec: {{system: FHIR, version: R4, extends: {extends}}}\nmappings:\n{mappings}")
+    }
+
     #[test]
     fn compiles_the_growth_chart_and_merges_extensions() {
         let ctx = context(CONTEXT);
@@ -363,10 +417,8 @@ mod tests {
             ["OBSERVATION.body_weight.v2", "OBSERVATION.height.v2"]
         );
         assert_eq!(
-            idx.by_archetype
-                .get("openEHR-EHR-OBSERVATION.height.v2")
-                .map(String::as_str),
-            Some("OBSERVATION.height.v2")
+            idx.by_archetype["openEHR-EHR-OBSERVATION.height.v2"],
+            ["OBSERVATION.height.v2"]
         );
         assert_eq!(
             idx.merged_extensions,
@@ -376,6 +428,7 @@ mod tests {
                 "height-ext-overwrite"
             ]
         );
+        assert!(idx.warnings.is_empty(), "{:?}", idx.warnings);
 
         let height = &idx.by_model["OBSERVATION.height.v2"];
         // add: a new mapping at the end.
@@ -405,11 +458,12 @@ mod tests {
             "openEHR-EHR-OBSERVATION.height.v2"
         );
         assert_eq!(
-            s["by_archetype"]["openEHR-EHR-OBSERVATION.body_weight.v2"],
+            s["by_archetype"]["openEHR-EHR-OBSERVATION.body_weight.v2"][0],
             "OBSERVATION.body_weight.v2"
         );
         assert_eq!(s["merged_extensions"][2], "height-ext-overwrite");
         assert_eq!(s["template_id"], "growth_chart");
+        assert_eq!(s["start"], "openEHR-EHR-COMPOSITION.encounter.v1");
     }
 
     #[test]
@@ -431,43 +485,155 @@ mod tests {
     }
 
     #[test]
-    fn add_refuses_a_taken_name_and_overwrite_keeps_the_name() {
-        // add: the name the extension adds already exists in the model.
-        let ext = EXT_ADD.replace("name: bodySite", "name: height");
-        let mut models = growth_models();
-        models.extend(super::fixtures::models(&[&ext]));
-        let e = compile(&context(CONTEXT), &models, true).unwrap_err();
-        assert!(e.missing.iter().any(|m| m.contains("already has")), "{e:?}");
-        // overwrite: the replaced mapping keeps its name even if the extension's differs.
-        let ext = EXT_OVERWRITE.replace("  - name: code\n", "  - name: codeV2\n");
+    fn overwrite_replaces_the_mapping_of_the_same_name_without_append_to() {
+        // No appendTo at all: openFHIR overwrites by name, at any depth of followedBy.
+        let ext = EXT_OVERWRITE.replace("    appendTo: code\n", "");
         assert_ne!(ext, EXT_OVERWRITE);
+        let nested = extension(
+            "height-ext-nested",
+            "OBSERVATION.height.v2",
+            "  - name: unitSystem\n    extension: overwrite\n    with: {fhir: \"$resource.value.system\"}\n",
+        );
         let mut models = growth_models();
-        models.extend(super::fixtures::models(&[&ext]));
+        models.extend(super::fixtures::models(&[&ext, &nested]));
+        let ctx = context(&CONTEXT.replace(
+            "- height-ext-overwrite",
+            "- height-ext-overwrite\n    - height-ext-nested",
+        ));
+        let idx = compile(&ctx, &models, true).unwrap();
+        assert!(idx.warnings.is_empty(), "{:?}", idx.warnings);
+        let height = &idx.by_model["OBSERVATION.height.v2"];
+        let code = &height.mappings()[2];
+        assert_eq!(
+            code.manual.as_ref().unwrap()[0].name.as_deref(),
+            Some("snomed")
+        );
+        // `unitSystem` came in by the append, inside height's followedBy; the nested overwrite
+        // found it there.
+        let unit = &height.mappings()[0]
+            .followed_by
+            .as_ref()
+            .unwrap()
+            .mappings
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            unit.with.as_ref().unwrap().fhir.as_deref(),
+            Some("$resource.value.system")
+        );
+
+        // A name the model does not have: skipped with a warning, the rest compiles.
+        let ghost = EXT_OVERWRITE.replace("  - name: code\n", "  - name: ghost\n");
+        let mut models = growth_models();
+        models.extend(super::fixtures::models(&[&ghost]));
         let idx = compile(&context(CONTEXT), &models, true).unwrap();
-        let names: Vec<String> = idx.by_model["OBSERVATION.height.v2"]
-            .mappings()
-            .iter()
-            .filter_map(|m| m.name.clone())
-            .collect();
-        assert!(
-            names.iter().any(|n| n == "code") && !names.iter().any(|n| n == "codeV2"),
-            "{names:?}"
+        assert_eq!(
+            idx.warnings,
+            ["extension 'height-ext-overwrite' mapping 'ghost' (overwrite): model 'OBSERVATION.height.v2' has no mapping 'ghost'; not overwritten"]
         );
     }
 
     #[test]
-    fn append_without_followed_by_appends_the_mapping_itself() {
-        let ext = EXT_APPEND.replace("    followedBy:\n", "    x-followedBy:\n");
+    fn add_appends_even_a_taken_name() {
+        let ext = EXT_ADD.replace("name: bodySite", "name: height");
         let mut models = growth_models();
         models.extend(super::fixtures::models(&[&ext]));
         let idx = compile(&context(CONTEXT), &models, true).unwrap();
-        let h = &idx.by_model["OBSERVATION.height.v2"].mappings()[0];
-        let children = h.followed_by.as_ref().unwrap().mappings.as_ref().unwrap();
-        assert_eq!(names(children), ["heightUnit"]);
+        let height = &idx.by_model["OBSERVATION.height.v2"];
+        assert_eq!(
+            names(height.mappings())
+                .iter()
+                .filter(|n| **n == "height")
+                .count(),
+            2
+        );
     }
 
     #[test]
-    fn every_problem_is_reported_at_once() {
+    fn append_adds_conditions_and_followed_by_but_not_with() {
+        let ext = extension(
+            "height-ext-cond",
+            "OBSERVATION.height.v2",
+            "  - name: more\n    extension: append\n    appendTo: height\n    with: {fhir: ignored}\n    fhirCondition: {targetRoot: $resource, targetAttribute: status, operator: one of, criteria: final}\n  - name: deeper\n    extension: append\n    appendTo: height.unitSystem\n    followedBy:\n      mappings:\n        - name: grandchild\n  - name: lost\n    extension: append\n    appendTo: nowhere\n",
+        );
+        let mut models = growth_models();
+        models.extend(super::fixtures::models(&[&ext]));
+        let ctx = context(&CONTEXT.replace(
+            "- height-ext-overwrite",
+            "- height-ext-overwrite\n    - height-ext-cond",
+        ));
+        let idx = compile(&ctx, &models, true).unwrap();
+        let h = &idx.by_model["OBSERVATION.height.v2"].mappings()[0];
+        assert_eq!(
+            h.fhir_condition.as_ref().unwrap().criteria.as_deref(),
+            Some("final")
+        );
+        assert_ne!(h.with.as_ref().unwrap().fhir.as_deref(), Some("ignored"));
+        let unit = &h.followed_by.as_ref().unwrap().mappings.as_ref().unwrap()[0];
+        assert_eq!(
+            names(
+                unit.followed_by
+                    .as_ref()
+                    .unwrap()
+                    .mappings
+                    .as_ref()
+                    .unwrap()
+            ),
+            ["grandchild"]
+        );
+        assert_eq!(
+            idx.warnings,
+            ["extension 'height-ext-cond' mapping 'lost' (append): appendTo 'nowhere' names no mapping of model 'OBSERVATION.height.v2'; not appended"]
+        );
+    }
+
+    #[test]
+    fn several_models_may_map_one_archetype() {
+        let a = model_named(
+            "OBSERVATION.height.v2-a",
+            "openEHR-EHR-OBSERVATION.height.v2",
+        );
+        let b = model_named(
+            "OBSERVATION.height.v2-b",
+            "openEHR-EHR-OBSERVATION.height.v2",
+        );
+        let mut models = growth_models();
+        models.extend(super::fixtures::models(&[&a, &b]));
+        let ctx = context(&CONTEXT.replace(
+            "- OBSERVATION.body_weight.v2",
+            "- OBSERVATION.body_weight.v2\n    - OBSERVATION.height.v2-b\n    - OBSERVATION.height.v2-a",
+        ));
+        let idx = compile(&ctx, &models, true).unwrap();
+        assert_eq!(
+            idx.by_archetype["openEHR-EHR-OBSERVATION.height.v2"],
+            [
+                "OBSERVATION.height.v2",
+                "OBSERVATION.height.v2-b",
+                "OBSERVATION.height.v2-a"
+            ]
+        );
+        let by_archetype: Vec<&str> = idx
+            .resolve("openEHR-EHR-OBSERVATION.height.v2")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            by_archetype,
+            [
+                "OBSERVATION.height.v2",
+                "OBSERVATION.height.v2-b",
+                "OBSERVATION.height.v2-a"
+            ]
+        );
+        // A name designates its own model first, then the others of its archetype as a key.
+        assert_eq!(
+            idx.resolve("OBSERVATION.height.v2-a")[0].0,
+            "OBSERVATION.height.v2-a"
+        );
+    }
+
+    #[test]
+    fn what_the_engine_leaves_out_is_a_warning() {
         let ctx = context(
             &CONTEXT
                 .replace("- OBSERVATION.body_weight.v2", "- OBSERVATION.missing.v1")
@@ -476,21 +642,61 @@ mod tests {
                     "- height-ext-add\n    - ghost-ext\n    - weight-ext",
                 ),
         );
-        let weight_ext = "grammar: FHIRConnect/v1.0.0\ntype: extension\nmetadata:\n  name: weight-ext\nspec:\n  system: FHIR\n  version: R4\n  extends: OBSERVATION.body_weight.v2\nmappings:\n  - name: x\n    extension: add\n    with:\n      fhir: \"$resource.x\"\n      openehr: \"$archetype\"\n";
-        let bad_append = EXT_APPEND.replace("appendTo: height", "appendTo: nope");
-        let bad_overwrite = EXT_OVERWRITE.replace("appendTo: code", "appendTo: gone");
+        let weight_ext = extension(
+            "weight-ext",
+            "OBSERVATION.body_weight.v2",
+            "  - name: x\n    extension: add\n",
+        );
         let models =
-            super::fixtures::models(&[HEIGHT, EXT_ADD, &bad_append, &bad_overwrite, weight_ext]);
+            super::fixtures::models(&[HEIGHT, EXT_ADD, EXT_APPEND, EXT_OVERWRITE, &weight_ext]);
+        let idx = compile(&ctx, &models, true).unwrap();
+        assert_eq!(
+            idx.warnings,
+            [
+                "model 'OBSERVATION.missing.v1' named in context.archetypes is not uploaded; left out",
+                "extension 'ghost-ext' named in context.extensions is not uploaded; left out",
+                "extension 'weight-ext' extends 'OBSERVATION.body_weight.v2', which is not among the context's models; not merged",
+            ]
+        );
+        assert_eq!(
+            idx.by_model.keys().collect::<Vec<_>>(),
+            ["OBSERVATION.height.v2"]
+        );
+    }
+
+    #[test]
+    fn what_the_engine_cannot_get_past_fails_with_every_problem() {
+        let no_kind = extension(
+            "no-kind",
+            "OBSERVATION.height.v2",
+            "  - name: x\n    with: {fhir: a}\n",
+        );
+        let no_append_to = extension(
+            "no-append-to",
+            "OBSERVATION.height.v2",
+            "  - name: y\n    extension: append\n",
+        );
+        let no_extends = EXT_ADD.replace("  extends: OBSERVATION.height.v2\n", "");
+        let bare = "grammar: FHIRConnect/v1.0.0\ntype: model\nmetadata: {name: BARE, version: 1}\nspec: {system: FHIR, version: R4}\n";
+        let ctx = context(
+            &CONTEXT
+                .replace("- OBSERVATION.body_weight.v2", "- BARE")
+                .replace(
+                    "- height-ext-add",
+                    "- height-ext-add\n    - no-kind\n    - no-append-to",
+                ),
+        );
+        let models = super::fixtures::models(&[HEIGHT, &no_extends, &no_kind, &no_append_to, bare]);
         let e = compile(&ctx, &models, false).unwrap_err();
         assert_eq!(
             e.missing,
             [
                 "template 'growth_chart' is not uploaded",
-                "model 'OBSERVATION.missing.v1' named in context.archetypes is not uploaded",
-                "extension 'ghost-ext' named in context.extensions is not uploaded",
-                "extension 'weight-ext' extends 'OBSERVATION.body_weight.v2', which is not in context.archetypes",
-                "extension 'height-ext-append' mapping 'heightUnit': appendTo 'nope' names no mapping of model 'OBSERVATION.height.v2'",
-                "extension 'height-ext-overwrite' mapping 'code': appendTo 'gone' names no mapping of model 'OBSERVATION.height.v2'",
+                "model 'BARE' has no spec.openEhrConfig",
+                "model 'BARE' has no spec.fhirConfig",
+                "extension 'height-ext-add' has no spec.extends",
+                "extension 'no-kind' mapping 'x' has no extension kind (add, append or overwrite)",
+                "extension 'no-append-to' mapping 'y' (append) has no appendTo",
             ]
         );
         assert!(e.to_string().starts_with(
@@ -499,14 +705,16 @@ mod tests {
     }
 
     #[test]
-    fn empty_context_is_refused() {
+    fn a_context_whose_models_are_all_missing_is_refused() {
+        let e = compile(&context(CONTEXT), &BTreeMap::new(), true).unwrap_err();
+        assert_eq!(
+            e.missing,
+            ["none of the models named in context.archetypes is uploaded (OBSERVATION.height.v2, OBSERVATION.body_weight.v2)"]
+        );
         let e = compile(&ContextDocument::default(), &BTreeMap::new(), true).unwrap_err();
         assert_eq!(
             e.missing,
-            [
-                "the context has no context.template.id",
-                "the context names no model in context.archetypes",
-            ]
+            ["the context names no model in context.archetypes"]
         );
     }
 
@@ -514,10 +722,10 @@ mod tests {
     fn resolve_by_name_or_archetype() {
         let idx = compile(&context(CONTEXT), &growth_models(), true).unwrap();
         for key in ["OBSERVATION.height.v2", "openEHR-EHR-OBSERVATION.height.v2"] {
-            assert_eq!(idx.resolve(key).unwrap().0, "OBSERVATION.height.v2");
+            assert_eq!(idx.resolve(key)[0].0, "OBSERVATION.height.v2");
         }
         assert!(idx
             .resolve("openEHR-EHR-COMPOSITION.encounter.v1")
-            .is_none());
+            .is_empty());
     }
 }

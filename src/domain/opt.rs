@@ -26,22 +26,36 @@ pub struct Template {
     pub sem_ver: Option<String>,
 }
 
-/// Parses an OPT far enough to identify it.
+/// Where the XML of an uploaded OPT starts, as openFHIR reads it: surrounding whitespace and
+/// control characters trimmed, then any run of non-word characters right before the first `<`
+/// (a byte-order mark, a stray quote) skipped. The stored text stays exactly as uploaded; every
+/// parse of it goes through here, so a node reading it back agrees with the upload.
+pub fn xml_start(text: &str) -> &str {
+    // Java's String.trim(): every char <= U+0020 at both ends.
+    let t = text.trim_matches(|c: char| c <= ' ');
+    match t.find('<') {
+        Some(i)
+            if i > 0
+                && !t[..i]
+                    .chars()
+                    .any(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            &t[i..]
+        }
+        _ => t,
+    }
+}
+
+/// Reads the header of an OPT (`<template>` root element): the one header parse of every path
+/// that stores or reads an OPT ([`parse_opt`] and [`TemplateTree::parse`]).
 ///
-/// DTDs are refused outright (roxmltree's default), so external entities and entity expansion
-/// (XXE, "billion laughs") are never processed.
-pub fn parse_opt(xml: &str) -> Result<Template> {
-    // roxmltree recurses once per nesting level: refuse absurd nesting before it can overflow
-    // the stack (a crash of the node, not an error).
-    crate::domain::template::check_xml_depth(xml, crate::domain::template::MAX_DEPTH)?;
-    let doc = roxmltree::Document::parse(xml)
-        .map_err(|e| Error::invalid("malformed OPT XML", e.to_string()))?;
-    let root = doc.root_element();
+/// [`TemplateTree::parse`]: crate::domain::template::TemplateTree::parse
+pub(crate) fn read_header(root: roxmltree::Node<'_, '_>) -> Result<Template> {
     if root.tag_name().name() != "template" {
         return Err(Error::invalid(
             "not an OPT",
             format!(
-                "root element is <{}>; an OPT's root element is <template> in namespace {OPENEHR_NS}",
+                "not an OPT: the root element is <{}>; an OPT's root element is <template> in namespace {OPENEHR_NS}",
                 root.tag_name().name()
             ),
         ));
@@ -60,7 +74,7 @@ pub fn parse_opt(xml: &str) -> Result<Template> {
         text(child(root, "template_id").and_then(|t| child(t, "value"))).ok_or_else(|| {
             Error::invalid(
                 "OPT has no template id",
-                "missing <template_id><value>...</value></template_id> under <template>",
+                "the OPT has no template id: <template_id><value>...</value></template_id> under <template> is missing or empty",
             )
         })?;
     crate::domain::validate_artifact_id("template id", &template_id)?;
@@ -82,9 +96,25 @@ pub fn parse_opt(xml: &str) -> Result<Template> {
     })
 }
 
+/// Parses an OPT far enough to identify it (the XML from [`xml_start`] on).
+///
+/// DTDs are refused outright (roxmltree's default), so external entities and entity expansion
+/// (XXE, "billion laughs") are never processed.
+pub fn parse_opt(xml: &str) -> Result<Template> {
+    let xml = xml_start(xml);
+    // roxmltree recurses once per nesting level: refuse absurd nesting before it can overflow
+    // the stack (a crash of the node, not an error).
+    crate::domain::template::check_xml_depth(xml, crate::domain::template::MAX_DEPTH)?;
+    let doc = roxmltree::Document::parse(xml)
+        .map_err(|e| Error::invalid("malformed OPT XML", format!("malformed OPT XML: {e}")))?;
+    read_header(doc.root_element())
+}
+
 /// A stored OPT: metadata, the XML as uploaded, and what was parsed from it. Shared and immutable.
 #[derive(Debug, Clone, Serialize)]
 pub struct OptDocument {
+    /// The server-assigned id.
+    pub id: uuid::Uuid,
     /// Tenant id.
     pub tenant: String,
     /// Parsed header.

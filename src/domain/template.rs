@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use roxmltree::Node as XmlNode;
 
-use crate::domain::opt::{Template, OPENEHR_NS};
+use crate::domain::opt::Template;
 use crate::error::{Error, Result};
 
 /// Deepest XML element nesting accepted in an OPT. Real OPTs stay below 100 (each constraint
@@ -134,38 +134,12 @@ impl TemplateTree {
     /// node repeats its parent's path, so long names in a deep tree, or many children under a long
     /// path, could otherwise cost gigabytes for a text of kilobytes).
     pub fn parse(xml: &str) -> Result<TemplateTree> {
+        let xml = crate::domain::opt::xml_start(xml);
         check_xml_depth(xml, MAX_DEPTH)?;
         let doc = roxmltree::Document::parse(xml)
-            .map_err(|e| Error::invalid("malformed OPT XML", e.to_string()))?;
+            .map_err(|e| Error::invalid("malformed OPT XML", format!("malformed OPT XML: {e}")))?;
         let root = doc.root_element();
-        if root.tag_name().name() != "template" {
-            return Err(Error::invalid(
-                "not an OPT",
-                format!(
-                    "root element is <{}>; an OPT's root element is <template> in namespace {OPENEHR_NS}",
-                    root.tag_name().name()
-                ),
-            ));
-        }
-        let template_id = text(child(root, "template_id").and_then(|t| child(t, "value")))
-            .ok_or_else(|| {
-                Error::invalid(
-                    "OPT has no template id",
-                    "missing <template_id><value>...</value></template_id> under <template>",
-                )
-            })?;
-        let sem_ver = child(root, "description").and_then(|d| {
-            elements(d, "other_details")
-                .find(|c| c.attribute("id") == Some("sem_ver"))
-                .and_then(|n| text(Some(n)))
-        });
-        let header = Template {
-            normalized_id: crate::domain::normalize_template_id(&template_id),
-            template_id,
-            concept: text(child(root, "concept")),
-            language: text(child(root, "language").and_then(|l| child(l, "code_string"))),
-            sem_ver,
-        };
+        let header = crate::domain::opt::read_header(root)?;
         let definition = child(root, "definition").ok_or_else(|| {
             Error::invalid(
                 "OPT has no definition",

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_specialised_triggers.sql",
         sql: include_str!("../../sql/0003_specialised_triggers.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_artifact_ids.sql",
+        sql: include_str!("../../sql/0004_artifact_ids.sql"),
+    },
 ];
 
 /// The first schema version whose triggers leave NOTIFY to a node that sets

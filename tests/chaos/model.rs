@@ -124,11 +124,13 @@ pub async fn observe(http: &reqwest::Client, base: &str, key: &Key) -> Result<Ob
                 Ok(v) => Obs::Val(contexts_summary(v.as_array().into_iter().flatten().map(
                     |c| {
                         (
-                            c["id"].as_str().unwrap_or("?").to_string(),
-                            c["document"]["metadata"]["version"]
-                                .as_str()
-                                .unwrap_or("?")
-                                .to_string(),
+                            // The list holds openFHIR's documents: the key is the normalized
+                            // context.template.id.
+                            c["context"]["template"]["id"].as_str().map_or_else(
+                                || "?".to_string(),
+                                |t| t.to_lowercase().replace(' ', "_"),
+                            ),
+                            c["metadata"]["version"].as_str().unwrap_or("?").to_string(),
                         )
                     },
                 ))),
