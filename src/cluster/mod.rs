@@ -33,7 +33,7 @@
 //! A node sends only on connections it dialed and receives only on connections it accepted.
 //! Each sending socket then has one short lock that orders everything written to it (the
 //! broadcaster's direct writes and its writer task's), and a peer that connected to us is dialed
-//! back at its advertised address, so discovery that works in one direction is enough.
+//! back at its source IP and advertised port, so discovery that works in one direction is enough.
 
 pub mod auth;
 pub mod broadcast;

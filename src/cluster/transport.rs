@@ -3,8 +3,8 @@
 //! Each pair of nodes uses two TCP connections, one per direction: a node sends only on the
 //! connections it dialed and receives only on the ones it accepted. A broadcast writes an idle
 //! connection itself; otherwise the connection's writer task sends it from the queue (see
-//! `super::pipe` for how the two keep order). A peer that connects to us is dialed back at the
-//! address it advertised, so discovery only has to work one way.
+//! `super::pipe` for how the two keep order). A peer that connects to us is dialed back at the IP
+//! it connects from and the port it advertised, so discovery only has to work one way.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -143,14 +143,27 @@ fn identity(s: &Shared) -> Identity {
     }
 }
 
-/// The peer's cluster address: what it advertised, with an unspecified IP (it listens on all
-/// interfaces) replaced by the IP its connection came from.
+/// The peer's cluster address: the IP its connection came from, with the port it advertised.
+///
+/// The advertised IP is never taken: anyone may claim any address in a Hello, and taking it
+/// let a host replace a real peer's membership row (its address) or make this node dial an
+/// arbitrary host again and again. A peer's source IP is what it listens on (nodes send from
+/// `CLUSTER_BIND_ADDR`), and only a host that really has that IP can connect from it.
 fn peer_addr(peer: &Peer, seen: IpAddr) -> Option<SocketAddr> {
-    let mut a: SocketAddr = peer.advertised_addr.parse().ok()?;
-    if a.ip().is_unspecified() {
-        a.set_ip(seen);
+    let advertised: SocketAddr = peer.advertised_addr.parse().ok()?;
+    if advertised.port() == 0 {
+        return None;
     }
-    Some(a)
+    let ip = seen.to_canonical();
+    if !advertised.ip().is_unspecified() && advertised.ip().to_canonical() != ip {
+        tracing::debug!(
+            peer = %peer.node_id,
+            advertised = %advertised,
+            source = %ip,
+            "peer advertised another IP than it connects from; using the source IP"
+        );
+    }
+    Some(SocketAddr::new(ip, advertised.port()))
 }
 
 fn reason_name(r: &RejectReason) -> &'static str {
@@ -648,9 +661,9 @@ async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationTo
                     pipe: pipe.clone(),
                 },
             );
-            let known = peer_addr(&peer, addr.ip()).unwrap_or(addr);
+            // The address this node really reached, not what the peer claims.
             st.members
-                .outbound_up(&peer.node_id, known, &peer.version, Instant::now());
+                .outbound_up(&peer.node_id, addr, &peer.version, Instant::now());
             Some((link_id, pipe))
         }
     };
@@ -795,6 +808,32 @@ async fn failure_detector(s: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_where_it_connects_from_whatever_it_advertises() {
+        let peer = |advertised: &str| Peer {
+            node_id: "n".into(),
+            version: "v".into(),
+            advertised_addr: advertised.into(),
+        };
+        let from: IpAddr = "10.0.0.9".parse().unwrap();
+        // Another host's address: only its port is taken.
+        assert_eq!(
+            peer_addr(&peer("10.0.0.1:7800"), from),
+            Some("10.0.0.9:7800".parse().unwrap())
+        );
+        assert_eq!(
+            peer_addr(&peer("0.0.0.0:7801"), from),
+            Some("10.0.0.9:7801".parse().unwrap())
+        );
+        assert_eq!(
+            peer_addr(&peer("[::]:7802"), "::ffff:10.0.0.9".parse().unwrap()),
+            Some("10.0.0.9:7802".parse().unwrap())
+        );
+        for bad in ["10.0.0.1:0", "nonsense", ""] {
+            assert_eq!(peer_addr(&peer(bad), from), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_handshake_gate_limits_each_ip_and_keeps_slots_for_known_peers() {
