@@ -270,6 +270,37 @@ pub struct StepReport {
     pub flushed: bool,
 }
 
+/// What the database says of a consistency token's transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenStatus {
+    /// Committed or in progress: its invalidations are to be waited for.
+    Wait,
+    /// Aborted, or so old its status is gone: nothing to wait for.
+    Nothing,
+    /// Never started (in the future): not a token of this database.
+    Unknown,
+}
+
+/// The status of transaction `xid` (`pg_xact_status`).
+async fn token_status(node: &Node, xid: u64) -> Result<TokenStatus> {
+    let conn = node.db().conn().await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&xid.to_string()];
+    match conn
+        .query_one("SELECT pg_xact_status($1::text::xid8)", &params)
+        .await
+    {
+        Ok(row) => Ok(match row.get::<_, Option<String>>(0).as_deref() {
+            Some("committed" | "in progress") => TokenStatus::Wait,
+            _ => TokenStatus::Nothing,
+        }),
+        // "transaction ID ... is in the future".
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) => {
+            Ok(TokenStatus::Unknown)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A snapshot of the channel's state, for `/cluster` and `/metrics`.
 #[derive(Debug, Clone, Serialize)]
 pub struct InvalidationReport {
@@ -609,8 +640,33 @@ impl Invalidator {
     /// Waits until transaction `xid` is covered, catching up at once if needed; `false` if
     /// `wait` ran out first.
     pub async fn await_xid(&self, node: &Node, xid: u64, wait: Duration) -> Result<bool> {
+        if self.covers(xid) {
+            return Ok(true);
+        }
+        // One look at the transaction first: a token the database never handed out is refused
+        // at once, and an aborted transaction wrote nothing to wait for.
+        match tokio::time::timeout(wait, token_status(node, xid)).await {
+            Err(_) => return Ok(self.covers(xid)),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(TokenStatus::Unknown)) => {
+                return Err(Error::invalid(
+                    "invalid X-Consistency-Token",
+                    format!(
+                        "transaction {xid} is unknown to the database (it was never started): \
+                         send back the X-Consistency-Token of a write response; a write lost in a \
+                         failover or a restore is not there to wait for"
+                    ),
+                ))
+            }
+            Ok(Ok(TokenStatus::Nothing)) => return Ok(true),
+            Ok(Ok(TokenStatus::Wait)) => {}
+        }
         // The whole wait is bounded, a step stuck on a lock included.
         let wait_for = async {
+            // Steps back off (10 ms doubling to 250 ms): a write the database has committed is
+            // found by the first step after its commit, and a token that is still ahead (a
+            // transaction in progress) must not turn one request into hundreds of transactions.
+            let mut pause = Duration::from_millis(10);
             loop {
                 if self.covers(xid) {
                     return Ok(());
@@ -619,7 +675,8 @@ impl Invalidator {
                 if self.covers(xid) {
                     return Ok(());
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(250));
             }
         };
         match tokio::time::timeout(wait, wait_for).await {

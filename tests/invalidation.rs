@@ -401,16 +401,27 @@ async fn unreadable_notifications_are_counted_and_repaired_by_catch_up() {
 async fn a_token_the_node_cannot_reach_in_time_is_a_504() {
     let app = spawn_with(&[("OPENFHIR_CONSISTENCY_WAIT_MS", "200")]).await;
     assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
-    // A transaction id far in the future: no catch-up can cover it.
+    // A transaction that has started and not committed: its writes cannot be applied yet.
+    let mut sql = app.sql().await;
+    let tx = sql.transaction().await.unwrap();
+    tx.execute("INSERT INTO tenant (id, name) VALUES ('pending', 'p')", &[])
+        .await
+        .unwrap();
+    let xid: String = tx
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     let r = app
         .client
         .get(app.url("/opt/t1"))
-        .header("x-consistency-token", "999999999999")
+        .header("x-consistency-token", &xid)
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 504);
+    let status = r.status();
     let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status, 504, "token {xid}: {body}");
     assert!(
         body["details"][0]
             .as_str()
@@ -418,6 +429,16 @@ async fn a_token_the_node_cannot_reach_in_time_is_a_504() {
             .contains("OPENFHIR_CONSISTENCY_WAIT_MS"),
         "{body}"
     );
+    tx.rollback().await.unwrap();
+    // A transaction id the database has not started is no token at all: 400 at once.
+    let r = app
+        .client
+        .get(app.url("/opt/t1"))
+        .header("x-consistency-token", "999999999999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
 }
 
 /// An embedding application puts its own table under the same invalidation and registers a

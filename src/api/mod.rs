@@ -1,6 +1,7 @@
 //! The HTTP API (axum): openFHIR-compatible artifact routes, tenants and operations.
 
 mod artifacts;
+mod conn;
 mod error;
 mod ops;
 pub mod server;
@@ -41,7 +42,12 @@ fn with_token(mut r: Response, xid: u64) -> Response {
 /// Read-your-writes: a request carrying `X-Consistency-Token` waits until this node has applied
 /// the invalidations of that write (catching up at once), or answers 504 after
 /// `OPENFHIR_CONSISTENCY_WAIT_MS`.
+/// Health probes ignore the header: they are neither authenticated nor limited, and must answer
+/// without touching the database.
 async fn consistency(State(node): State<AppState>, req: Request, next: Next) -> Response {
+    if is_probe(req.uri().path()) {
+        return next.run(req).await;
+    }
     let Some(v) = req.headers().get(TOKEN_HEADER) else {
         return next.run(req).await;
     };
@@ -66,6 +72,53 @@ async fn consistency(State(node): State<AppState>, req: Request, next: Next) -> 
         )
         .into_response(),
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// The health probes: answered without authentication, concurrency limit or consistency wait.
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/health" | "/health/live" | "/health/ready")
+}
+
+/// The FHIR Connect document routes, which have their own body limit.
+fn is_fc_document(path: &str) -> bool {
+    ["/fc/context", "/fc/model"]
+        .iter()
+        .any(|p| path == *p || path.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
+}
+
+/// The body limits, for the early check of `Content-Length`.
+#[derive(Clone, Copy)]
+struct BodyLimits {
+    any: usize,
+    fc: usize,
+}
+
+/// A request whose `Content-Length` is over the route's body limit is answered 413 at once,
+/// from its headers: waiting for a body that large (or one that never comes) would hold a
+/// connection and a concurrency slot until the request timeout.
+async fn early_body_limit(State(l): State<BodyLimits>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let fc = is_fc_document(req.uri().path());
+    let (limit, var) = if fc {
+        (l.fc, "OPENFHIR_MAX_FC_BODY_BYTES")
+    } else {
+        (l.any, "OPENFHIR_MAX_BODY_BYTES")
+    };
+    match declared {
+        Some(n) if n > limit as u64 => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body too large (limit: {var})"),
+            vec![format!(
+                "Content-Length is {n} bytes; this route takes at most {limit} ({var})"
+            )],
+        )
+        .into_response(),
+        _ => next.run(req).await,
     }
 }
 
@@ -140,12 +193,20 @@ pub fn router(node: Arc<Node>) -> Router {
             limit_concurrency,
         ))
         .layer(middleware::from_fn_with_state(node.clone(), authenticate))
-        .layer(middleware::map_response(json_errors))
+        .layer(middleware::from_fn_with_state(
+            BodyLimits {
+                any: http.max_body_bytes,
+                fc: fc_limit,
+            },
+            early_body_limit,
+        ))
         .layer(DefaultBodyLimit::max(http.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(http.request_timeout_secs),
         ))
+        // Outside the timeout, so its 408 gets the JSON body too.
+        .layer(middleware::map_response(json_errors))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
                 |req: &axum::http::Request<axum::body::Body>| {
@@ -176,7 +237,7 @@ struct Limiter {
 /// once (queueing would only turn overload into timeouts). Health probes are never refused, so
 /// an orchestrator does not restart a node for being busy.
 async fn limit_concurrency(State(l): State<Arc<Limiter>>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/health") {
+    if is_probe(req.uri().path()) {
         return next.run(req).await;
     }
     let Ok(_slot) = l.slots.clone().try_acquire_owned() else {
@@ -202,10 +263,7 @@ async fn authenticate(State(node): State<AppState>, req: Request, next: Next) ->
     let Some(token) = &node.config().http.api_token else {
         return next.run(req).await;
     };
-    if matches!(
-        req.uri().path(),
-        "/health" | "/health/live" | "/health/ready"
-    ) {
+    if is_probe(req.uri().path()) {
         return next.run(req).await;
     }
     let given = req
@@ -282,6 +340,14 @@ impl FromRequestParts<AppState> for TenantId {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, node: &AppState) -> Result<Self, ApiError> {
+        // A proxy that appends the header must not make a request act on another tenant.
+        if parts.headers.get_all(TENANT_HEADER).iter().count() > 1 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "more than one X-Tenant-Id header",
+                vec!["send X-Tenant-Id once: with several, the tenant is ambiguous".into()],
+            ));
+        }
         let id = match parts.headers.get(TENANT_HEADER) {
             None => domain::DEFAULT_TENANT.to_string(),
             Some(v) => v

@@ -83,22 +83,59 @@ pub async fn serve(
         refusing = false;
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let svc = app
-            .clone()
-            .map_request(|req: Request<Incoming>| req.map(Body::new));
+        let activity = super::conn::Activity::new();
+        let svc = {
+            let (app, activity) = (app.clone(), activity.clone());
+            tower::service_fn(move |req: Request<Incoming>| {
+                // In flight from here until the router has answered: never idle meanwhile.
+                let guard = activity.request();
+                let answer = app.clone().oneshot(req.map(Body::new));
+                async move {
+                    let r = answer.await;
+                    drop(guard);
+                    r
+                }
+            })
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout);
         builder.http2().timer(TokioTimer::new());
+        let io = TokioIo::new(super::conn::Watched::new(stream, activity.clone()));
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc))
+            .serve_connection_with_upgrades(io, TowerToHyperService::new(svc))
             .into_owned();
         let conn = graceful.watch(conn);
+        let idle_limit = limits.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
+            let mut conn = std::pin::pin!(conn);
+            loop {
+                // Re-checked at least once per limit, so the end of a request re-arms it.
+                let deadline = activity
+                    .idle_deadline(idle_limit)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + idle_limit);
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%remote, error = %e, "HTTP connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = tokio::time::sleep_until(deadline) => {
+                        let idle = activity
+                            .idle_deadline(idle_limit)
+                            .is_some_and(|d| d <= tokio::time::Instant::now());
+                        if idle {
+                            // Nothing read or written for the header timeout and no request
+                            // running: a silent or stalled client. Dropping the connection
+                            // closes it.
+                            tracing::debug!(%remote, secs = idle_limit.as_secs(), "closing an idle HTTP connection");
+                            break;
+                        }
+                    }
+                }
             }
             drop(permit);
         });
