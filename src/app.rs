@@ -160,6 +160,14 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
             return Err(e);
         }
     }
+    // After the cluster channel is up, so what it loads is broadcast like any write; in the
+    // background, so the node answers meanwhile (readiness waits for it).
+    crate::bootstrap::mark_running(&background.node);
+    background
+        .tasks
+        .push(tokio::spawn(crate::bootstrap::run_recorded(
+            background.node.clone(),
+        )));
     Ok(background)
 }
 

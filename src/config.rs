@@ -94,7 +94,14 @@ pub const VARS: &[Var] = &[
           doc: "How long a read with X-Consistency-Token waits for this node to catch up before answering 504." },
     Var { env: "OPENFHIR_LOG_FORMAT", key: "log.format", default: "text",
           doc: "Log format: text or json. The level comes from RUST_LOG (default info)." },
+    Var { env: "OPENFHIR_BOOTSTRAP_DIR", key: "bootstrap.dir", default: DEFAULT_BOOTSTRAP_DIR,
+          doc: "openFHIR's bootstrap directory: OPTs, contexts and models loaded at start-up, once per cluster (empty = none)." },
+    Var { env: "OPENFHIR_BOOTSTRAP_RECURSIVELY_OPEN_DIRECTORIES", key: "bootstrap.recursively_open_directories", default: "true",
+          doc: "Also load the bootstrap directory's sub-folders: true or false." },
 ];
+
+/// openFHIR's default bootstrap directory (`openfhir.bootstrap.dir`).
+pub const DEFAULT_BOOTSTRAP_DIR: &str = "/app/bootstrap/";
 
 /// Default name of the optional configuration file, looked up in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "openfhir-cache.toml";
@@ -581,6 +588,20 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// openFHIR's bootstrap directory (see [`crate::bootstrap`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootstrapConfig {
+    /// `OPENFHIR_BOOTSTRAP_DIR`; `None` when set empty.
+    pub dir: Option<PathBuf>,
+    /// True when `dir` is openFHIR's default, not set by the operator (a missing default
+    /// directory is normal, a missing configured one is worth a warning).
+    #[serde(skip)]
+    pub dir_is_default: bool,
+    /// `OPENFHIR_BOOTSTRAP_RECURSIVELY_OPEN_DIRECTORIES`.
+    #[serde(rename = "recursively_open_directories")]
+    pub recursive: bool,
+}
+
 /// The node's effective configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -596,6 +617,8 @@ pub struct Config {
     pub invalidation: InvalidationConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The bootstrap directory.
+    pub bootstrap: BootstrapConfig,
 }
 
 impl Default for Config {
@@ -747,13 +770,7 @@ impl Config {
             })?,
         };
         let invalidation = InvalidationConfig {
-            pg_notify: raw.parse("invalidation.pg_notify", |s| {
-                match s.trim().to_ascii_lowercase().as_str() {
-                    "true" | "1" | "yes" | "on" => Ok(true),
-                    "false" | "0" | "no" | "off" => Ok(false),
-                    _ => Err("expected true or false".to_string()),
-                }
-            })?,
+            pg_notify: raw.parse("invalidation.pg_notify", parse_bool)?,
             catchup_interval_ms: raw.parse("invalidation.catchup_interval_ms", |s| {
                 parse_range(s, 0, 3_600_000, "a number of milliseconds").map(|n| n as u64)
             })?,
@@ -773,6 +790,12 @@ impl Config {
                 }
             })?,
         };
+        let dir = raw.parse("bootstrap.dir", |s| Ok(non_empty(s).map(PathBuf::from)))?;
+        let bootstrap = BootstrapConfig {
+            dir_is_default: dir.as_deref() == Some(Path::new(DEFAULT_BOOTSTRAP_DIR)),
+            dir,
+            recursive: raw.parse("bootstrap.recursively_open_directories", parse_bool)?,
+        };
         Ok(Config {
             cache,
             cluster,
@@ -780,12 +803,21 @@ impl Config {
             http,
             invalidation,
             log,
+            bootstrap,
         })
     }
 
     /// The configuration as JSON, secrets masked (what `openfhir-cache config` prints).
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".to_string()),
     }
 }
 

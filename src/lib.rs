@@ -21,6 +21,7 @@
 pub mod api;
 pub mod app;
 pub mod bench;
+pub mod bootstrap;
 pub mod cache;
 pub mod catchup;
 pub mod cli;

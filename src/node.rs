@@ -60,6 +60,7 @@ pub struct Node {
     load_hook: RwLock<Option<LoadHook>>,
     apply_hook: RwLock<Option<ApplyHook>>,
     http_stats: Arc<crate::api::ServerStats>,
+    bootstrap: crate::bootstrap::Progress,
 }
 
 impl Node {
@@ -79,6 +80,7 @@ impl Node {
             load_hook: RwLock::new(None),
             apply_hook: RwLock::new(None),
             http_stats: Arc::default(),
+            bootstrap: Default::default(),
         })
     }
 
@@ -152,6 +154,11 @@ impl Node {
     /// Counters of this node's HTTP front (connections, shed requests).
     pub fn http_stats(&self) -> &Arc<crate::api::ServerStats> {
         &self.http_stats
+    }
+
+    /// Where this node's run over the bootstrap directory is (see [`crate::bootstrap`]).
+    pub fn bootstrap(&self) -> &crate::bootstrap::Progress {
+        &self.bootstrap
     }
 
     /// The peer cluster channel (membership, statistics, broadcast).

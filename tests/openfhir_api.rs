@@ -950,7 +950,7 @@ async fn the_migration_gives_existing_rows_ids_and_changes_nothing_else() {
         .unwrap()
         .get(0);
 
-    assert_eq!(migrate(&mut sql).await.unwrap(), [4]);
+    assert_eq!(migrate(&mut sql).await.unwrap(), [4, 5]);
     assert_eq!(
         snapshot(&sql).await,
         before,

@@ -409,7 +409,7 @@ async fn a_database_at_version_2_upgrades() {
     .unwrap();
     assert_eq!(current_version(&sql).await.unwrap(), Some(2));
 
-    assert_eq!(migrate(&mut sql).await.unwrap(), vec![3, 4]);
+    assert_eq!(migrate(&mut sql).await.unwrap(), vec![3, 4, 5]);
     assert_eq!(
         current_version(&sql).await.unwrap(),
         Some(MIGRATIONS.len() as i32)

@@ -91,6 +91,13 @@ pub async fn live() -> Json<serde_json::Value> {
 }
 
 pub async fn ready(State(node): State<AppState>) -> Response {
+    if node.bootstrap().phase() == crate::bootstrap::Phase::Running {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "error": "loading the bootstrap directory" })),
+        )
+            .into_response();
+    }
     match node.db().readiness().await {
         Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
         Ok(Err(reason)) => (

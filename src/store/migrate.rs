@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_artifact_ids.sql",
         sql: include_str!("../../sql/0004_artifact_ids.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_bootstrap.sql",
+        sql: include_str!("../../sql/0005_bootstrap.sql"),
+    },
 ];
 
 /// The first schema version whose triggers leave NOTIFY to a node that sets

@@ -51,6 +51,8 @@ pub struct Written {
 pub struct Db {
     pool: Pool,
     notifier: Arc<DeferredNotify>,
+    /// The connection settings, `application_name` included, for connections of their own.
+    config: tokio_postgres::Config,
 }
 
 /// `FROM` item that sets `openfhir.notify` for the statement's transaction to parameter `$n`
@@ -68,7 +70,7 @@ impl Db {
         let mut pg = tokio_postgres::Config::from_str(cfg.url.expose())?;
         pg.application_name(application_name);
         let mgr = Manager::from_config(
-            pg,
+            pg.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -85,7 +87,28 @@ impl Db {
         Ok(Db {
             pool,
             notifier: Arc::default(),
+            config: pg,
         })
+    }
+
+    /// A connection of its own, outside the pool, named `<application_name>/<purpose>` in
+    /// `pg_stat_activity`: for session state (an advisory lock) that must end with the work
+    /// that took it, never be handed to another pool user.
+    pub async fn dedicated(&self, purpose: &str) -> Result<tokio_postgres::Client> {
+        let mut cfg = self.config.clone();
+        let name = format!(
+            "{}/{purpose}",
+            cfg.get_application_name().unwrap_or("openfhir-cache")
+        );
+        cfg.application_name(&name);
+        cfg.connect_timeout(POOL_TIMEOUT);
+        let (client, connection) = cfg.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "a dedicated database connection ended");
+            }
+        });
+        Ok(client)
     }
 
     /// The queue of this node's committed writes whose NOTIFY is still to be sent.

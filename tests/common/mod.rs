@@ -97,6 +97,8 @@ pub fn test_config(db_url: &str, env: &[(&str, &str)]) -> Config {
         ("DATABASE_URL".into(), db_url.to_string()),
         ("OPENFHIR_HTTP_ADDR".into(), "127.0.0.1:0".into()),
         ("OPENFHIR_DB_POOL_SIZE".into(), "8".into()),
+        // No bootstrap directory unless a test gives one (a machine may have /app/bootstrap/).
+        ("OPENFHIR_BOOTSTRAP_DIR".into(), String::new()),
     ]);
     map.extend(isolated_cluster_env());
     for (k, v) in env {
