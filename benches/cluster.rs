@@ -7,11 +7,11 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use openfhir_cache::cache::Change;
-use openfhir_cache::catchup::parse_payload;
 use openfhir_cache::cluster::{
     client_on_welcome, client_start, decode_frame, encode_frame, server_on_hello, server_on_proof,
     ClusterSecret, Envelope, Identity, Invalidate, Message, Opener, Sealer, MAX_FRAME,
 };
+use openfhir_cache::invalidation::parse_payload;
 
 fn invalidation(seq: u64) -> Envelope {
     Envelope::new(

@@ -28,19 +28,21 @@ pub struct Embedded {
     /// The node's cached store: the same reads and writes as the HTTP API, without HTTP.
     pub node: Arc<Node>,
     tasks: Vec<JoinHandle<()>>,
+    bootstrap: Arc<crate::bootstrap::Progress>,
 }
 
 impl Embedded {
+    /// Where the run over the bootstrap directory is (see [`crate::bootstrap`]).
+    pub fn bootstrap(&self) -> &Arc<crate::bootstrap::Progress> {
+        &self.bootstrap
+    }
+
     /// Leaves the cluster (peers drop this node at once instead of waiting for its heartbeats to
     /// stop), stops the background tasks and closes the database pool. Writes that already
     /// returned have been broadcast; call this after the last one.
     pub async fn shutdown(mut self) {
         // Writes that returned may still wait for their NOTIFY (sent after COMMIT).
-        self.node
-            .db()
-            .notifier()
-            .flush(self.node.db(), LEAVE_WAIT)
-            .await;
+        self.node.invalidation().flush_deferred(LEAVE_WAIT).await;
         self.node.cluster().leave(LEAVE_WAIT).await;
         self.stop_tasks();
     }
@@ -53,7 +55,7 @@ impl Embedded {
     }
 
     fn stop_tasks(&mut self) {
-        self.node.db().notifier().set_enabled(false);
+        self.node.invalidation().stop_deferring();
         for t in self.tasks.drain(..) {
             t.abort();
         }
@@ -74,6 +76,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Where the run over the bootstrap directory is (see [`crate::bootstrap`]).
+    pub fn bootstrap(&self) -> &Arc<crate::bootstrap::Progress> {
+        self.background.bootstrap()
+    }
+
     /// Stops accepting, finishes in-flight requests (their invalidations are broadcast), leaves
     /// the cluster (peers drop this node at once), stops the tasks and closes the pool.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -139,21 +146,23 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
     }
     // The cursor starts at "now" before anything is cached or served: every later change is
     // then either seen by a load or replayed by catch-up.
-    node.invalidator().init(&node).await?;
-    let mut tasks = spawn_invalidation(&node);
-    if crate::store::migrate::current_version(&*node.db().conn().await?)
+    node.invalidation().init().await?;
+    let deferred = crate::store::migrate::current_version(&*node.db().conn().await?)
         .await?
-        .is_some_and(|v| v >= crate::store::migrate::DEFERRED_NOTIFY_SINCE)
-    {
-        tasks.push(spawn_notifier(&node));
-    } else {
-        tracing::warn!(
-            "the schema predates deferred NOTIFY: this node's writes notify from the trigger \
-             (run `openfhir-cache migrate`)"
-        );
-    }
-    let mut background = Embedded { tasks, node };
-    match crate::cluster::start(background.node.clone()).await {
+        .is_some_and(|v| v >= crate::store::migrate::DEFERRED_NOTIFY_SINCE);
+    let tasks = node
+        .invalidation()
+        .spawn(&node.config().invalidation, deferred);
+    let mut background = Embedded {
+        tasks,
+        node,
+        bootstrap: Arc::new(crate::bootstrap::Progress::running()),
+    };
+    let (cluster, invalidation) = (
+        background.node.cluster().clone(),
+        background.node.invalidation().clone(),
+    );
+    match crate::cluster::start(cluster, invalidation).await {
         Ok(tasks) => background.tasks.extend(tasks),
         Err(e) => {
             background.abort();
@@ -162,11 +171,11 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
     }
     // After the cluster channel is up, so what it loads is broadcast like any write; in the
     // background, so the node answers meanwhile (readiness waits for it).
-    crate::bootstrap::mark_running(&background.node);
     background
         .tasks
         .push(tokio::spawn(crate::bootstrap::run_recorded(
             background.node.clone(),
+            background.bootstrap.clone(),
         )));
     Ok(background)
 }
@@ -193,14 +202,16 @@ pub async fn start(config: Config, opts: ServeOptions) -> Result<Running> {
         }
     };
     let (stop, stopped) = oneshot::channel::<()>();
-    let app = crate::api::router(node.clone());
+    let mut state = crate::api::AppState::new(node.clone());
+    state.bootstrap = background.bootstrap.clone();
+    let app = crate::api::router(state.clone());
     let limits = crate::api::ServerLimits {
         max_connections: cfg.http.max_connections,
         header_timeout: std::time::Duration::from_secs(cfg.http.header_timeout_secs),
         // In-flight requests are bounded by the request timeout; a little more for the response.
         drain: std::time::Duration::from_secs(cfg.http.request_timeout_secs + 5),
     };
-    let stats = node.http_stats().clone();
+    let stats = state.http_stats.clone();
     let server = tokio::spawn(async move {
         crate::api::serve(listener, app, limits, stats, async {
             let _ = stopped.await;
@@ -259,71 +270,6 @@ pub fn unreachable(cfg: &Config, e: &Error) -> Error {
         cause,
         hint: hint.to_string(),
     }
-}
-
-/// How often the log is pruned (by whichever node gets the advisory lock).
-const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Starts the LISTEN connection (unless `OPENFHIR_PG_NOTIFY=false`) and the catch-up and
-/// pruning loop.
-pub fn spawn_invalidation(node: &Arc<Node>) -> Vec<JoinHandle<()>> {
-    let cfg = node.config().invalidation.clone();
-    let mut tasks = Vec::new();
-    if cfg.pg_notify {
-        tasks.push(tokio::spawn(crate::notify::run(node.clone())));
-    } else {
-        tracing::info!("OPENFHIR_PG_NOTIFY=false: not listening for database notifications");
-    }
-    let node = node.clone();
-    tasks.push(tokio::spawn(async move {
-        let every = match cfg.catchup_interval_ms {
-            0 => PRUNE_EVERY,
-            ms => std::time::Duration::from_millis(ms),
-        };
-        let retention = std::time::Duration::from_secs(cfg.retention_secs);
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_prune: Option<tokio::time::Instant> = None;
-        let mut failing = false;
-        loop {
-            tick.tick().await;
-            if cfg.catchup_interval_ms > 0 {
-                match node.catch_up().await {
-                    Ok(_) if failing => {
-                        failing = false;
-                        tracing::info!("catch-up works again");
-                    }
-                    Ok(_) => {}
-                    // Logged once per outage, not once per interval.
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "catch-up failed; retrying every interval");
-                    }
-                    Err(_) => {}
-                }
-            }
-            if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                last_prune = Some(tokio::time::Instant::now());
-                if let Err(e) = node.invalidator().prune(&node, retention).await {
-                    tracing::debug!(error = %e, "pruning the invalidation log failed");
-                }
-            }
-        }
-    }));
-    tasks
-}
-
-/// Starts the task that sends the NOTIFY of this node's own writes after their COMMIT, and from
-/// then on has the writes leave it to the task instead of the trigger (see
-/// [`crate::store::deferred`]). Needs schema version
-/// [`crate::store::migrate::DEFERRED_NOTIFY_SINCE`].
-pub fn spawn_notifier(node: &Arc<Node>) -> JoinHandle<()> {
-    let db = node.db().clone();
-    db.notifier().set_enabled(true);
-    tokio::spawn(async move {
-        let notifier = db.notifier().clone();
-        notifier.run(db).await;
-    })
 }
 
 /// Probes `GET {base}/health/live` with a plain HTTP/1.1 request (3 s limit); `Ok` on 200.

@@ -116,6 +116,11 @@ impl Default for Progress {
 }
 
 impl Progress {
+    /// A run about to start: [`Phase::Running`] until [`run_recorded`] ends.
+    pub fn running() -> Progress {
+        Progress(tokio::sync::watch::Sender::new(Phase::Running))
+    }
+
     /// The phase now.
     pub fn phase(&self) -> Phase {
         self.0.borrow().clone()
@@ -141,14 +146,9 @@ impl Progress {
     }
 }
 
-/// Marks the run as started; call before the node is reported ready, then [`run_recorded`].
-pub fn mark_running(node: &Node) {
-    node.bootstrap().set(Phase::Running);
-}
-
-/// [`run`], recording its outcome in the node's [`Progress`]. A database failure is logged; the
-/// node goes on serving.
-pub async fn run_recorded(node: Arc<Node>) {
+/// [`run`], recording its outcome in `progress` (made with [`Progress::running`]). A database
+/// failure is logged; the node goes on serving.
+pub async fn run_recorded(node: Arc<Node>, progress: Arc<Progress>) {
     let phase = match run(&node).await {
         Ok(s) => Phase::Done(s),
         Err(e) => {
@@ -156,7 +156,7 @@ pub async fn run_recorded(node: Arc<Node>) {
             Phase::Failed(e.to_string())
         }
     };
-    node.bootstrap().set(phase);
+    progress.set(phase);
 }
 
 /// One file found in the directory.

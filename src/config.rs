@@ -588,7 +588,7 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// openFHIR's bootstrap directory (see [`crate::bootstrap`]).
+/// openFHIR's bootstrap directory (`OPENFHIR_BOOTSTRAP_*`; the bootstrap module loads it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BootstrapConfig {
     /// `OPENFHIR_BOOTSTRAP_DIR`; `None` when set empty.

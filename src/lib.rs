@@ -23,14 +23,14 @@ pub mod app;
 pub mod bench;
 pub mod bootstrap;
 pub mod cache;
-pub mod catchup;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod invalidation;
 pub mod node;
-pub mod notify;
+pub mod rendered;
 pub mod store;
 
 pub use config::Config;

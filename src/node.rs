@@ -1,7 +1,10 @@
 //! The cached store: what a node (or an embedding Rust program) reads and writes.
 //!
-//! Reads go through the caches; writes go to PostgreSQL, and only after COMMIT is the change
-//! handed to [`Node::apply`], the single entry point for invalidation.
+//! A thin facade over the store ([`crate::store`]), the caches ([`crate::cache`]), the
+//! invalidation machinery ([`crate::invalidation`]) and the cluster channel
+//! ([`crate::cluster`]). Reads go through the caches; writes go to PostgreSQL, and only after
+//! COMMIT is the change handed to [`crate::invalidation::Invalidation::apply`], the single
+//! entry point for invalidation, and broadcast to the peers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -10,13 +13,13 @@ use std::sync::{Arc, RwLock};
 use uuid::Uuid;
 
 use crate::cache::{CacheName, Caches, Change};
-use crate::catchup::{Invalidator, StepReport};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::domain::{
     self, normalize_template_id, parse_fc, FcDocument, FcFormat, FcList, OptDocument, Tenant,
 };
 use crate::error::{Error, Result};
+use crate::invalidation::{Invalidation, InvalidationReport, StepReport};
 use crate::store::{Artifact, Db, FcTable, OptSummary, Target, WriteMode, Written};
 
 /// Called after a cache loader read the database and before the value is cached, with the
@@ -24,11 +27,7 @@ use crate::store::{Artifact, Db, FcTable, OptSummary, Target, WriteMode, Written
 pub type LoadHook =
     Arc<dyn Fn(CacheName, &str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Called when [`Node::apply`] has made a change's entries unservable on this node (the
-/// synchronous generation bump; their memory is freed just after): for changes delivered by the
-/// peer channel, NOTIFY or catch-up, and operator evictions (not this node's own writes).
-/// Benchmarks use it to time propagation; it must be cheap and must not block.
-pub type ApplyHook = Arc<dyn Fn(&Change) + Send + Sync>;
+pub use crate::invalidation::ApplyHook;
 
 /// How many times a write looks its target up again when the row it found was renamed or
 /// deleted before the write reached it.
@@ -52,15 +51,12 @@ pub enum Put<'a> {
 /// One node's cached view of the store.
 pub struct Node {
     id: String,
-    invalidator: Invalidator,
+    invalidation: Arc<Invalidation>,
     config: Config,
     db: Db,
-    caches: Caches,
+    caches: Arc<Caches>,
     cluster: Cluster,
     load_hook: RwLock<Option<LoadHook>>,
-    apply_hook: RwLock<Option<ApplyHook>>,
-    http_stats: Arc<crate::api::ServerStats>,
-    bootstrap: crate::bootstrap::Progress,
 }
 
 impl Node {
@@ -68,19 +64,17 @@ impl Node {
     pub fn new(config: Config) -> Result<Node> {
         let id = new_node_id();
         let db = Db::new(&config.database, &format!("openfhir-cache/{id}"))?;
-        let caches = Caches::new(&config.cache);
+        let caches = Arc::new(Caches::new(&config.cache));
         let cluster = Cluster::new(&config.cluster, &id);
+        let invalidation = Arc::new(Invalidation::new(caches.clone(), db.clone(), &id));
         Ok(Node {
             cluster,
             id,
-            invalidator: Invalidator::default(),
+            invalidation,
             config,
             db,
             caches,
             load_hook: RwLock::new(None),
-            apply_hook: RwLock::new(None),
-            http_stats: Arc::default(),
-            bootstrap: Default::default(),
         })
     }
 
@@ -93,9 +87,7 @@ impl Node {
 
     /// Installs (or with `None` removes) the [`ApplyHook`].
     pub fn set_apply_hook(&self, hook: Option<ApplyHook>) {
-        if let Ok(mut h) = self.apply_hook.write() {
-            *h = hook;
-        }
+        self.invalidation.set_apply_hook(hook);
     }
 
     async fn loaded<T>(&self, cache: CacheName, key: &str, value: T) -> T {
@@ -112,28 +104,26 @@ impl Node {
         &self.id
     }
 
-    /// The database invalidation channel (cursor, catch-up, statistics).
-    pub fn invalidator(&self) -> &Invalidator {
-        &self.invalidator
+    /// The invalidation machinery (the apply rule, cursor, catch-up, statistics).
+    pub fn invalidation(&self) -> &Arc<Invalidation> {
+        &self.invalidation
     }
 
-    /// The database invalidation channel's state, with the counters of this node's deferred
+    /// The invalidation channels' state, with the counters of this node's deferred
     /// notifications.
-    pub fn invalidation_report(&self) -> crate::catchup::InvalidationReport {
-        let mut r = self.invalidator.report();
-        r.deferred_notify = self.db.notifier().report();
-        r
+    pub fn invalidation_report(&self) -> InvalidationReport {
+        self.invalidation.report()
     }
 
     /// Runs one catch-up step now.
     pub async fn catch_up(&self) -> Result<StepReport> {
-        self.invalidator.step(self).await
+        self.invalidation.step().await
     }
 
     /// Waits until this node has applied every change of transaction `xid` (a consistency
     /// token), catching up at once if it is behind; `false` when `wait` runs out.
     pub async fn await_token(&self, xid: u64, wait: std::time::Duration) -> Result<bool> {
-        self.invalidator.await_xid(self, xid, wait).await
+        self.invalidation.await_xid(xid, wait).await
     }
 
     /// The configuration it runs with.
@@ -151,16 +141,6 @@ impl Node {
         &self.caches
     }
 
-    /// Counters of this node's HTTP front (connections, shed requests).
-    pub fn http_stats(&self) -> &Arc<crate::api::ServerStats> {
-        &self.http_stats
-    }
-
-    /// Where this node's run over the bootstrap directory is (see [`crate::bootstrap`]).
-    pub fn bootstrap(&self) -> &crate::bootstrap::Progress {
-        &self.bootstrap
-    }
-
     /// The peer cluster channel (membership, statistics, broadcast).
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
@@ -174,19 +154,10 @@ impl Node {
         n
     }
 
-    /// Applies a change to this node's caches through the one eviction rule. Every channel that
-    /// learns of a change calls this.
+    /// Applies a change to this node's caches through the one eviction rule (see
+    /// [`Invalidation::apply`]).
     pub async fn apply(&self, change: &Change) -> usize {
-        // The generation bump is the eviction: from here on no read serves an old entry (and a
-        // caller cancelled later cannot undo it), so this is when the change counts as applied.
-        self.caches.invalidate_now(change);
-        if let Some(hook) = self.apply_hook.read().ok().and_then(|h| h.clone()) {
-            hook(change);
-        }
-        // Dropping the dead entries only frees memory.
-        let n = self.caches.purge(change).await;
-        tracing::debug!(?change, targets = n, "evicted");
-        n
+        self.invalidation.apply(change).await
     }
 
     /// Runs a write under armed evictions: the changes are evicted after COMMIT, and also if
@@ -205,16 +176,9 @@ impl Node {
                     guard.disarm();
                     return Ok(v);
                 };
-                self.invalidator.own_write(xid);
-                // The trigger left this transaction's NOTIFY to the node (a transaction that
-                // notifies commits only one at a time): queue it now that it committed, after
-                // `own_write`, so this node's own listener recognises the echo. If it is never
-                // sent, nothing is lost: the peer broadcast below and every node's catch-up
-                // deliver the change too (see `store::deferred`).
-                let notifier = self.db.notifier();
-                if notifier.enabled() {
-                    notifier.push(xid);
-                }
+                // Recorded as this node's own, and its NOTIFY queued when the trigger left it to
+                // the node (a transaction that notifies commits only one at a time).
+                self.invalidation.own_write(xid);
                 let changes = guard.committed().await;
                 // After COMMIT and the local eviction: a peer that reloads on receipt reads
                 // the new row. Never waits on a peer.

@@ -60,7 +60,7 @@ async fn start(db_url: &str, env: &[(String, String)]) -> TestApp {
 
 /// Waits for the node's bootstrap run to end; its summary (`None`: nothing to load).
 async fn summary(app: &TestApp) -> Option<Summary> {
-    tokio::time::timeout(Duration::from_secs(60), app.node.bootstrap().finished())
+    tokio::time::timeout(Duration::from_secs(60), app.bootstrap().finished())
         .await
         .expect("the bootstrap run ends")
         .expect("the bootstrap run succeeds")

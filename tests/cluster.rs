@@ -481,7 +481,7 @@ async fn a_sequence_gap_makes_the_receiver_catch_up_from_the_database() {
     let mut s = dial(a_addr).await;
     let session = cluster::connect(&mut s, &id, None).await.unwrap();
     let (_, mut sealer, _) = session.into_parts();
-    let steps_before = a.node.invalidator().report().catchup_steps;
+    let steps_before = a.node.invalidation_report().catchup_steps;
     for seq in [1u64, 2, 5] {
         let env = Envelope::new(
             name.clone(),
@@ -510,7 +510,7 @@ async fn a_sequence_gap_makes_the_receiver_catch_up_from_the_database() {
         a.node.cluster().peers()
     );
     assert!(
-        wait_for(5, || a.node.invalidator().report().catchup_steps
+        wait_for(5, || a.node.invalidation_report().catchup_steps
             > steps_before)
         .await,
         "no catch-up after the gap"

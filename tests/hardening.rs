@@ -121,7 +121,7 @@ async fn probes_ignore_consistency_tokens_and_impossible_tokens_are_refused() {
         ("OPENFHIR_PG_NOTIFY", "false"),
     ])
     .await;
-    let steps = || app.node.invalidator().report().catchup_steps;
+    let steps = || app.node.invalidation_report().catchup_steps;
     let before = steps();
     for path in ["/health/live", "/health/ready", "/health"] {
         let r = app

@@ -24,7 +24,6 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use openfhir_cache::catchup::{parse_payload, Notification};
 use openfhir_cache::cluster::discovery::multicast::{
     decode_announcement, encode_announcement, MulticastSettings, MAX_ANNOUNCEMENT,
 };
@@ -44,6 +43,7 @@ use openfhir_cache::domain::template::{
 };
 use openfhir_cache::domain::yaml_scan::{scan_flow_depth, ScanError, MAX_FLOW_DEPTH};
 use openfhir_cache::domain::{parse_fc, parse_opt, FcFormat, FcKind};
+use openfhir_cache::invalidation::{parse_payload, Notification};
 use openfhir_cache::Error;
 use proptest::prelude::*;
 use proptest::sample::Index;

@@ -192,7 +192,7 @@ async fn the_listener_reconnects_and_catches_up_after_its_connection_is_killed()
     listening(&app).await;
     assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     assert!(app.get_text("/opt/t1").await.contains("v1"));
-    let name = openfhir_cache::notify::listener_application_name(app.node.id());
+    let name = openfhir_cache::invalidation::listener_application_name(app.node.id());
     let sql = app.sql().await;
     // Writes keep coming (each read right after, so the entry is cached again) while the
     // listener's connection is killed twice; some land while it is away.
@@ -247,8 +247,8 @@ async fn a_node_behind_the_retention_horizon_flushes() {
     for _ in 0..100 {
         pruned += app
             .node
-            .invalidator()
-            .prune(&app.node, Duration::from_secs(86400))
+            .invalidation()
+            .prune(Duration::from_secs(86400))
             .await
             .unwrap()
             .unwrap_or(0);
@@ -513,7 +513,7 @@ async fn changes_made_while_the_listener_is_away_are_replayed_on_reconnect() {
         .batch_execute(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
         .await
         .unwrap();
-    let name = openfhir_cache::notify::listener_application_name(app.node.id());
+    let name = openfhir_cache::invalidation::listener_application_name(app.node.id());
     let killed: i64 = sql
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::pg::TestDb;
 use common::{opt_xml, spawn_app, spawn_url, spawn_with, TestApp};
-use openfhir_cache::catchup::{parse_payload, Notification};
+use openfhir_cache::invalidation::{parse_payload, Notification};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -106,7 +106,7 @@ fn keys(rows: &[Logged]) -> Vec<(&str, Option<&str>, Option<&str>, &str)> {
         .collect()
 }
 
-fn row_of(payload: &str) -> openfhir_cache::catchup::LogRow {
+fn row_of(payload: &str) -> openfhir_cache::invalidation::LogRow {
     match parse_payload(payload) {
         Ok(Notification::Row(r)) => r,
         other => panic!("{payload}: {other:?}"),

@@ -18,9 +18,9 @@ use serde_json::{json, Map, Value};
 use super::{
     body, fc_format, require_xml, wants_yaml, with_token, ApiError, ApiResult, AppState, TenantId,
 };
-use crate::cache::Representation;
 use crate::domain::{FcDocument, FcFormat, FcList};
 use crate::node::Put;
+use crate::rendered::Representation;
 use crate::store::{FcTable, OptSummary, Written};
 
 /// An error of an openFHIR route: a 400 is a JSON array of messages, as openFHIR's
@@ -256,7 +256,7 @@ fn with_id(doc: &FcDocument) -> Value {
 }
 
 /// One document: JSON with its `id` by default; with `Accept: ...yaml` the YAML as uploaded (or
-/// converted). Rendered once per cached document (see [`crate::cache::Rendered`]).
+/// converted). Rendered once per cached document (see [`crate::rendered::Rendered`]).
 fn document(doc: &FcDocument, headers: &HeaderMap) -> ApiResult<Response> {
     if !wants_yaml(headers) {
         let body = doc

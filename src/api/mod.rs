@@ -125,11 +125,39 @@ async fn early_body_limit(State(l): State<BodyLimits>, req: Request, next: Next)
 /// Header naming the tenant of a request; absent means `default`.
 pub const TENANT_HEADER: &str = "x-tenant-id";
 
-/// The shared state of every handler.
-pub type AppState = Arc<Node>;
+/// The shared state of every handler: the node, and the HTTP front's own counters (which the
+/// node knows nothing of). Dereferences to the [`Node`].
+#[derive(Clone)]
+pub struct AppState {
+    /// The node the API serves.
+    pub node: Arc<Node>,
+    /// Connections accepted and refused, requests shed: filled by [`serve`] and the limiter.
+    pub http_stats: Arc<ServerStats>,
+    /// The bootstrap run readiness waits for (none by default).
+    pub bootstrap: Arc<crate::bootstrap::Progress>,
+}
+
+impl AppState {
+    /// The state of an API over `node`, its counters at zero.
+    pub fn new(node: Arc<Node>) -> AppState {
+        AppState {
+            node,
+            http_stats: Arc::default(),
+            bootstrap: Arc::default(),
+        }
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
 
 /// The whole API with its limits (body size, request timeout) and authentication.
-pub fn router(node: Arc<Node>) -> Router {
+pub fn router(state: AppState) -> Router {
+    let node = state.clone();
     let http = node.config().http.clone();
     // FHIR Connect documents get their own, lower body limit: parsing one peaks at up to ~250x its
     // size (see OPENFHIR_MAX_FC_BODY_BYTES). This layer is inside the general one, so it wins.
@@ -242,7 +270,7 @@ async fn limit_concurrency(State(l): State<Arc<Limiter>>, req: Request, next: Ne
     }
     let Ok(_slot) = l.slots.clone().try_acquire_owned() else {
         l.node
-            .http_stats()
+            .http_stats
             .shed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut r = ApiError::new(

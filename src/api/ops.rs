@@ -91,7 +91,7 @@ pub async fn live() -> Json<serde_json::Value> {
 }
 
 pub async fn ready(State(node): State<AppState>) -> Response {
-    if node.bootstrap().phase() == crate::bootstrap::Phase::Running {
+    if node.bootstrap.phase() == crate::bootstrap::Phase::Running {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "not ready", "error": "loading the bootstrap directory" })),
@@ -273,7 +273,7 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
         inv.first_by_peer
     );
     cluster_metrics(&mut out, &node.cluster().report());
-    let h = node.http_stats();
+    let h = &node.http_stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     let _ = writeln!(out, "# HELP openfhir_http_connections_total HTTP connections accepted, and refused at OPENFHIR_MAX_CONNECTIONS.\n# TYPE openfhir_http_connections_total counter\nopenfhir_http_connections_total{{result=\"accepted\"}} {}\nopenfhir_http_connections_total{{result=\"refused\"}} {}", load(&h.accepted), load(&h.refused));
     let _ = writeln!(out, "# HELP openfhir_http_shed_total Requests answered 503 at OPENFHIR_MAX_CONCURRENT_REQUESTS.\n# TYPE openfhir_http_shed_total counter\nopenfhir_http_shed_total {}", load(&h.shed));
@@ -282,7 +282,7 @@ pub async fn metrics(State(node): State<AppState>) -> Response {
     if let Some(w) = inv.watermark {
         let _ = writeln!(out, "# HELP openfhir_invalidation_watermark This node's cursor: every transaction below it is applied.\n# TYPE openfhir_invalidation_watermark gauge\nopenfhir_invalidation_watermark {w}");
     }
-    let listening = u8::from(inv.listener == crate::catchup::ListenerState::Listening);
+    let listening = u8::from(inv.listener == crate::invalidation::ListenerState::Listening);
     let _ = writeln!(out, "# HELP openfhir_invalidation_listener_up 1 while the LISTEN connection is up.\n# TYPE openfhir_invalidation_listener_up gauge\nopenfhir_invalidation_listener_up {listening}");
     if let Some(ms) = inv.ms_since_last_catchup {
         let _ = writeln!(out, "# HELP openfhir_invalidation_catchup_age_ms Milliseconds since the last successful catch-up.\n# TYPE openfhir_invalidation_catchup_age_ms gauge\nopenfhir_invalidation_catchup_age_ms {ms}");

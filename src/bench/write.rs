@@ -3,7 +3,7 @@
 //! key): one without triggers, one put under invalidation with `openfhir_track_table` exactly as
 //! `opt` is. Four variants: no triggers; the log row only (the write defers NOTIFY and nobody sends
 //! it, to tell the costs apart); production, as a node writes: the log row, NOTIFY deferred and
-//! sent after COMMIT by a running node's notifier task (`store::deferred`); and a plain-SQL write
+//! sent after COMMIT by a running node's notifier task (`invalidation::deferred`); and a plain-SQL write
 //! (psql, a script), whose NOTIFY the trigger sends inside the transaction. 1 and 8 concurrent
 //! writers, a small (1 KB) and the growth-chart (33 KB) OPT. A node LISTENs meanwhile, as in
 //! production.
@@ -71,7 +71,7 @@ impl Variant {
     /// `openfhir.notify` for the write.
     fn setting(self) -> &'static str {
         match self {
-            Variant::LogOnly | Variant::LogAndNotify => crate::store::deferred::DEFERRED,
+            Variant::LogOnly | Variant::LogAndNotify => crate::store::DEFERRED,
             Variant::Plain | Variant::SqlNotify => "",
         }
     }
@@ -197,7 +197,7 @@ pub async fn run(h: &Harness) -> BenchResult<WriteReport> {
         ),
     ];
     // Production: the listening node's own notifier task sends the deferred NOTIFY.
-    let notifier = listener.fleet().node(0).db().clone();
+    let notifier = listener.fleet().node(0).invalidation().deferred().clone();
     let half = h.sizes.write_cell / 2;
     let n_variants = Variant::ALL.len();
     let bar = h.progress.bar(
@@ -276,7 +276,7 @@ pub async fn run(h: &Harness) -> BenchResult<WriteReport> {
 async fn upserts(
     h: &Harness,
     variant: Variant,
-    notify: Option<&crate::store::Db>,
+    notify: Option<&Arc<crate::invalidation::DeferredNotify>>,
     writers: usize,
     contents: &[Arc<str>; 2],
     d: Duration,
@@ -304,7 +304,7 @@ async fn upserts(
         .map(|(c, stmt, keys)| {
             let tenant = h.tenant.clone();
             let contents = contents.clone();
-            let notifier = notify.map(|db| db.notifier().clone());
+            let notifier = notify.cloned();
             tokio::spawn(async move {
                 let mut r = Recorder::new();
                 let mut n = 0u64;

@@ -8,7 +8,6 @@
 //! operator's `POST /caches/evict`), goes through [`Caches::apply`], which asks [`targets`].
 
 mod ids;
-mod rendered;
 mod versioned;
 
 use std::sync::Arc;
@@ -16,7 +15,6 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use ids::IdIndex;
-pub use rendered::{Rendered, Representation};
 pub use versioned::{cache_key, StatsSnapshot, VersionedCache};
 
 use crate::config::CacheConfig;

@@ -1,4 +1,4 @@
-//! The cluster handle a [`Node`](crate::node::Node) holds: per-peer send queues, the broadcast
+//! The cluster handle a node holds: per-peer send queues, the broadcast
 //! sequence, membership, and the counters `/cluster` and `/metrics` show.
 //!
 //! Everything here is synchronous and never waits on a peer: [`Cluster::broadcast`] writes one

@@ -6,7 +6,7 @@
 //! ([`crate::cache::targets`]).
 //!
 //! # Layout
-//! * [`broadcast`]: the [`Cluster`] handle a [`Node`](crate::node::Node) holds. It owns the
+//! * [`broadcast`]: the [`Cluster`] handle a node holds. It owns the
 //!   broadcast sequence, one bounded queue per connected peer and the [`membership`] table, all
 //!   behind one short lock that is never held across an await; [`Cluster::broadcast`] never waits.
 //! * [`transport`](start): the tasks. The listener accepts and authenticates peers and reads their

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{self, HandshakeError, Identity, Opener, Peer};
-use super::broadcast::{Link, Shared};
+use super::broadcast::{Cluster, Link, Shared};
 use super::discovery::{self, Addrs};
 use super::membership::SeqCheck;
 use super::pipe::{Job, Pipe};
@@ -26,7 +26,15 @@ use super::wire::{
 };
 use crate::config::Discovery;
 use crate::error::{Error, Result};
-use crate::node::Node;
+use crate::invalidation::Invalidation;
+
+/// What the transport's tasks share: the channel's state and the node's invalidation
+/// machinery, which applies what peers announce (the transport knows nothing else of the node).
+#[derive(Clone)]
+struct Ctx {
+    s: Arc<Shared>,
+    inv: Arc<Invalidation>,
+}
 
 /// Limit on the TCP connect to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,9 +58,9 @@ const BACKOFF_REFUSED: Duration = Duration::from_secs(30);
 
 /// Binds the cluster port and starts discovery, the listener, the dialers, failure detection and
 /// gap repair. Fails if the port cannot be bound.
-pub async fn start(node: Arc<Node>) -> Result<Vec<JoinHandle<()>>> {
-    let cluster = node.cluster().clone();
+pub async fn start(cluster: Cluster, inv: Arc<Invalidation>) -> Result<Vec<JoinHandle<()>>> {
     let s = cluster.shared.clone();
+    let ctx = Ctx { s: s.clone(), inv };
     let bind = SocketAddr::new(s.config.bind_addr, s.config.port);
     let listener = TcpListener::bind(bind)
         .await
@@ -75,10 +83,10 @@ pub async fn start(node: Arc<Node>) -> Result<Vec<JoinHandle<()>>> {
         "cluster channel listening"
     );
     let mut tasks = vec![
-        tokio::spawn(accept_loop(listener, node.clone())),
-        tokio::spawn(reconcile(node.clone())),
+        tokio::spawn(accept_loop(listener, ctx.clone())),
+        tokio::spawn(reconcile(ctx.clone())),
         tokio::spawn(failure_detector(s.clone())),
-        tokio::spawn(gap_repair(node.clone())),
+        tokio::spawn(gap_repair(ctx)),
     ];
     tasks.push(spawn_discovery(&s, local));
     Ok(tasks)
@@ -291,8 +299,8 @@ fn known_peer_ip(s: &Shared, ip: IpAddr) -> bool {
     s.discovered.borrow().iter().any(is) || s.learned.borrow().iter().any(is)
 }
 
-async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
-    let s = node.cluster().shared.clone();
+async fn accept_loop(listener: TcpListener, ctx: Ctx) {
+    let s = ctx.s.clone();
     let gate = HandshakeGate::new();
     loop {
         let accepted = tokio::select! {
@@ -307,12 +315,12 @@ async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
                     tracing::debug!(%from, known, "too many cluster handshakes at once; connection closed");
                     continue;
                 };
-                let node = node.clone();
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    let s = node.cluster().shared.clone();
+                    let s = ctx.s.clone();
                     tokio::select! {
                         _ = s.cancel.cancelled() => {}
-                        _ = inbound(stream, from, permit, node.clone()) => {}
+                        _ = inbound(stream, from, permit, ctx.clone()) => {}
                     }
                 });
             }
@@ -325,8 +333,8 @@ async fn accept_loop(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-async fn inbound(mut stream: TcpStream, from: SocketAddr, permit: HandshakeSlot, node: Arc<Node>) {
-    let s = node.cluster().shared.clone();
+async fn inbound(mut stream: TcpStream, from: SocketAddr, permit: HandshakeSlot, ctx: Ctx) {
+    let s = ctx.s.clone();
     let _ = stream.set_nodelay(true);
     let id = identity(&s);
     let hs = tokio::time::timeout(
@@ -365,7 +373,7 @@ async fn inbound(mut stream: TcpStream, from: SocketAddr, permit: HandshakeSlot,
         .inbound_up(&peer.node_id, addr, &peer.version, Instant::now());
     s.learned.send_if_modified(|l| l.insert(addr));
     tracing::info!(peer = %peer.node_id, %addr, "cluster peer connected");
-    let end = receive(&mut stream, opener, &peer, &node).await;
+    let end = receive(&mut stream, opener, &peer, &ctx).await;
     s.lock().members.inbound_down(&peer.node_id);
     match end {
         Ok(()) => tracing::debug!(peer = %peer.node_id, "cluster peer closed its connection"),
@@ -392,9 +400,9 @@ async fn receive(
     stream: &mut TcpStream,
     mut opener: Opener,
     peer: &Peer,
-    node: &Arc<Node>,
+    ctx: &Ctx,
 ) -> std::result::Result<(), WireError> {
-    let s = node.cluster().shared.clone();
+    let s = ctx.s.clone();
     let silence = s.timing.gone_after;
     let mut frames = FrameReader::new(MAX_FRAME);
     // One timer for the silence limit, re-armed only when it fires (at most once per `silence`)
@@ -432,9 +440,9 @@ async fn receive(
                     st.members.heard(&peer.node_id, now);
                     st.members.invalidation_seq(&peer.node_id, inv.seq)
                 };
-                node.apply(&inv.change).await;
+                ctx.inv.apply(&inv.change).await;
                 if let Some(xid) = inv.log_position.and_then(|p| u64::try_from(p).ok()) {
-                    node.invalidator().peer_delivered(xid);
+                    ctx.inv.peer_delivered(xid);
                 }
                 s.counters.applied.fetch_add(1, Ordering::Relaxed);
                 if check == SeqCheck::Gap {
@@ -478,15 +486,15 @@ async fn receive(
 }
 
 /// Runs a catch-up step whenever a gap was seen; gaps seen during a step cause one more step.
-async fn gap_repair(node: Arc<Node>) {
-    let s = node.cluster().shared.clone();
+async fn gap_repair(ctx: Ctx) {
+    let s = ctx.s.clone();
     loop {
         tokio::select! {
             _ = s.cancel.cancelled() => return,
             _ = s.gap.notified() => {}
         }
         s.counters.gap_catchups.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = node.catch_up().await {
+        if let Err(e) = ctx.inv.step().await {
             tracing::warn!(error = %e, "catch-up after a peer gap failed; the periodic catch-up will retry");
         }
     }
@@ -496,8 +504,8 @@ async fn gap_repair(node: Arc<Node>) {
 // Sending
 
 /// Dials every address discovery or inbound peers gave, and stops dialing those that vanished.
-async fn reconcile(node: Arc<Node>) {
-    let s = node.cluster().shared.clone();
+async fn reconcile(ctx: Ctx) {
+    let s = ctx.s.clone();
     let mut discovered = s.discovered.subscribe();
     let mut learned = s.learned.subscribe();
     let mut dialers: std::collections::HashMap<SocketAddr, CancellationToken> = Default::default();
@@ -524,7 +532,7 @@ async fn reconcile(node: Arc<Node>) {
         for addr in targets {
             dialers.entry(addr).or_insert_with(|| {
                 let cancel = s.cancel.child_token();
-                tokio::spawn(dial(addr, node.clone(), cancel.clone()));
+                tokio::spawn(dial(addr, ctx.clone(), cancel.clone()));
                 cancel
             });
         }
@@ -555,8 +563,8 @@ async fn connect_to(s: &Shared, addr: SocketAddr) -> std::io::Result<TcpStream> 
 }
 
 /// Keeps one sending connection to `addr` up until cancelled.
-async fn dial(addr: SocketAddr, node: Arc<Node>, cancel: CancellationToken) {
-    let s = node.cluster().shared.clone();
+async fn dial(addr: SocketAddr, ctx: Ctx, cancel: CancellationToken) {
+    let s = ctx.s.clone();
     let mut backoff = BACKOFF_MIN;
     let mut failing_since: Option<Instant> = None;
     loop {

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::cache::Rendered;
 use crate::domain::yaml_scan::{scan_flow_depth, ScanError, MAX_FLOW_DEPTH};
 use crate::error::{Error, Result};
+use crate::rendered::Rendered;
 
 /// The format a FHIR Connect document was uploaded in; the text is kept byte for byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -266,7 +266,7 @@ impl Db {
         let tx = conn.transaction().await?;
         tx.execute(
             "SELECT set_config('openfhir.notify', $1, true)",
-            &[&self.notifier.setting()],
+            &[&self.notify.setting()],
         )
         .await?;
         for a in [Artifact::Model, Artifact::Context, Artifact::Opt] {
@@ -340,7 +340,7 @@ impl Db {
         mode: WriteMode,
     ) -> Result<(OptSummary, Written)> {
         let sql = opt_write_sql("opt", mode);
-        let setting = self.notifier.setting();
+        let setting = self.notify.setting();
         let row = self
             .conn()
             .await?
@@ -383,7 +383,7 @@ impl Db {
                     &t.normalized_id,
                     &t.template_id,
                     &xml,
-                    &self.notifier.setting(),
+                    &self.notify.setting(),
                 ],
             )
             .await
@@ -458,7 +458,7 @@ impl Db {
         };
         let conn = self.conn().await?;
         let fmt = format.as_str();
-        let setting = self.notifier.setting();
+        let setting = self.notify.setting();
         const RETURNING: &str = "RETURNING id, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid";
         let row = match table {
             FcTable::Context => {
@@ -500,7 +500,7 @@ impl Db {
     ) -> Result<Option<(FcDocument, Written)>> {
         let conn = self.conn().await?;
         let fmt = format.as_str();
-        let setting = self.notifier.setting();
+        let setting = self.notify.setting();
         const RETURNING: &str =
             "RETURNING id, created, updated, false AS inserted, pg_current_xact_id()::text AS xid";
         let row = match table {

@@ -2,12 +2,11 @@
 //!
 //! Every write runs in one statement (or one transaction) and returns only after COMMIT; callers
 //! evict caches after that. Each write statement also sets `openfhir.notify` for its own
-//! transaction (see [`deferred`]): while a node runs its notifier, the invalidation trigger leaves
-//! the NOTIFY to it, and the caller must [`DeferredNotify::push`] the returned transaction id
-//! ([`crate::node::Node`] does).
+//! transaction ([`NotifyMode`]): while a node sends its own notifications, the invalidation
+//! trigger leaves the NOTIFY to it, and the caller must queue the returned transaction id (the
+//! node's write path does).
 
 mod artifacts;
-pub mod deferred;
 pub mod migrate;
 
 pub use artifacts::{opt_write_sql, Artifact, FcTable, OptSummary, Target};
@@ -22,7 +21,6 @@ use tokio_postgres::{NoTls, Row};
 use crate::config::DatabaseConfig;
 use crate::domain::Tenant;
 use crate::error::{Error, Result};
-use deferred::DeferredNotify;
 
 /// How long a request waits for a pooled connection, or for a new one to be made, before it
 /// fails with "database unavailable" (503) instead of hanging.
@@ -50,9 +48,39 @@ pub struct Written {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
-    notifier: Arc<DeferredNotify>,
+    notify: NotifyMode,
     /// The connection settings, `application_name` included, for connections of their own.
     config: tokio_postgres::Config,
+}
+
+/// The value of `openfhir.notify` that makes the triggers leave the notification to the writer.
+pub const DEFERRED: &str = "deferred";
+
+/// Whether the writes through a [`Db`] (every clone) leave their NOTIFY to the node, which sends
+/// it after COMMIT (the invalidation module's deferred notifier), or to the trigger. Shared by
+/// every clone.
+#[derive(Debug, Clone, Default)]
+pub struct NotifyMode(Arc<std::sync::atomic::AtomicBool>);
+
+impl NotifyMode {
+    /// True while writes defer their notification to the node.
+    pub fn deferred(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Defers (a node task sends the notifications) or not (the triggers do).
+    pub fn set_deferred(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The value a write sets `openfhir.notify` to: [`DEFERRED`] while deferring, else empty.
+    pub fn setting(&self) -> &'static str {
+        if self.deferred() {
+            DEFERRED
+        } else {
+            ""
+        }
+    }
 }
 
 /// `FROM` item that sets `openfhir.notify` for the statement's transaction to parameter `$n`
@@ -86,21 +114,29 @@ impl Db {
             .map_err(|e| Error::invalid("cannot build the database pool", e.to_string()))?;
         Ok(Db {
             pool,
-            notifier: Arc::default(),
+            notify: NotifyMode::default(),
             config: pg,
         })
+    }
+
+    /// The settings of a connection outside the pool named `application_name`.
+    pub fn connection_config(&self, application_name: &str) -> tokio_postgres::Config {
+        let mut cfg = self.config.clone();
+        cfg.application_name(application_name);
+        cfg
     }
 
     /// A connection of its own, outside the pool, named `<application_name>/<purpose>` in
     /// `pg_stat_activity`: for session state (an advisory lock) that must end with the work
     /// that took it, never be handed to another pool user.
     pub async fn dedicated(&self, purpose: &str) -> Result<tokio_postgres::Client> {
-        let mut cfg = self.config.clone();
         let name = format!(
             "{}/{purpose}",
-            cfg.get_application_name().unwrap_or("openfhir-cache")
+            self.config
+                .get_application_name()
+                .unwrap_or("openfhir-cache")
         );
-        cfg.application_name(&name);
+        let mut cfg = self.connection_config(&name);
         cfg.connect_timeout(POOL_TIMEOUT);
         let (client, connection) = cfg.connect(NoTls).await?;
         tokio::spawn(async move {
@@ -111,9 +147,9 @@ impl Db {
         Ok(client)
     }
 
-    /// The queue of this node's committed writes whose NOTIFY is still to be sent.
-    pub fn notifier(&self) -> &Arc<DeferredNotify> {
-        &self.notifier
+    /// Whether this node's writes leave their NOTIFY to the node.
+    pub fn notify_mode(&self) -> &NotifyMode {
+        &self.notify
     }
 
     /// A pooled connection.
@@ -203,7 +239,7 @@ impl Db {
                      RETURNING id, name, config, created, updated, (xmax = 0) AS inserted, pg_current_xact_id()::text AS xid",
                     notify_setting(4)
                 ),
-                &[&id, &name, config, &self.notifier.setting()],
+                &[&id, &name, config, &self.notify.setting()],
             )
             .await?;
         Ok((tenant_from_row(&row), written(&row)))
@@ -223,7 +259,7 @@ impl Db {
         filter: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Option<u64>> {
-        let setting = self.notifier.setting();
+        let setting = self.notify.setting();
         let mut all = params.to_vec();
         all.push(&setting);
         let sql = format!(

@@ -192,6 +192,15 @@ impl TestApp {
         }
     }
 
+    /// Where the node's run over the bootstrap directory is.
+    pub fn bootstrap(&self) -> Arc<openfhir_cache::bootstrap::Progress> {
+        self.running
+            .as_ref()
+            .expect("the node runs")
+            .bootstrap()
+            .clone()
+    }
+
     /// The status of `GET /health/live` (is the node still serving?).
     pub async fn live_status(&self) -> u16 {
         let r = self.client.get(self.url("/health/live")).send().await;

@@ -21,17 +21,16 @@
 //! guarantee. Writes made by anything else than a node (psql, migration scripts, other programs)
 //! do not set the setting and are still announced by the trigger.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::store::Db;
+use crate::store::{Db, NotifyMode};
 
-/// The value of `openfhir.notify` that makes the triggers leave the notification to the writer.
-pub const DEFERRED: &str = "deferred";
+pub use crate::store::DEFERRED;
 
 /// Transactions waiting to be announced; beyond this, new ones are dropped (and counted), since
 /// catch-up and the peer channel cover them anyway.
@@ -44,10 +43,10 @@ const MAX_BATCH: usize = 1024;
 const NOTIFY_SQL: &str = "SELECT openfhir_notify_transactions($1::text[]::xid8[])";
 
 /// The queue of committed transactions whose notifications this node still has to send, and its
-/// counters. Shared by every clone of a [`Db`].
+/// counters. It switches the [`NotifyMode`] every clone of the node's [`Db`] writes with.
 #[derive(Debug, Default)]
 pub struct DeferredNotify {
-    enabled: AtomicBool,
+    mode: NotifyMode,
     pending: Mutex<Vec<u64>>,
     wake: tokio::sync::Notify,
     sent: AtomicU64,
@@ -75,6 +74,14 @@ pub struct DeferredNotifyReport {
 }
 
 impl DeferredNotify {
+    /// The queue of a node whose writes go through a [`Db`] with `mode`.
+    pub fn new(mode: NotifyMode) -> DeferredNotify {
+        DeferredNotify {
+            mode,
+            ..DeferredNotify::default()
+        }
+    }
+
     fn queue(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
         // Every update is a single push or drain: a poisoned lock holds a consistent queue.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
@@ -82,22 +89,12 @@ impl DeferredNotify {
 
     /// True while writes through the [`Db`] defer their notification to this node.
     pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
+        self.mode.deferred()
     }
 
     /// Turns deferral on (a task runs [`DeferredNotify::run`]) or off (the triggers notify).
     pub fn set_enabled(&self, on: bool) {
-        self.enabled.store(on, Ordering::Release);
-    }
-
-    /// The value a write sets `openfhir.notify` to: [`DEFERRED`] while enabled, else empty (the
-    /// trigger notifies).
-    pub fn setting(&self) -> &'static str {
-        if self.enabled() {
-            DEFERRED
-        } else {
-            ""
-        }
+        self.mode.set_deferred(on);
     }
 
     /// Queues committed transaction `xid` for announcement. Never blocks.

@@ -5,16 +5,14 @@
 //! (re)connect it LISTENs first and then runs catch-up, because notifications sent while it was
 //! away are gone; only then are notifications trusted again.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 
-use crate::catchup::{ListenerState, CHANNEL};
+use super::{Invalidation, ListenerState, CHANNEL};
 use crate::error::Result;
-use crate::node::Node;
 
 /// How often the idle listener connection is probed.
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -31,15 +29,14 @@ pub fn listener_application_name(node_id: &str) -> String {
 
 /// Runs the listener until the task is aborted: connect, LISTEN, catch up, apply
 /// notifications; on any failure wait (exponential backoff) and start over.
-pub async fn run(node: Arc<Node>) {
+pub(super) async fn run(inv: Arc<Invalidation>) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-    let inv = node.invalidator();
     let mut backoff = FIRST_BACKOFF;
     let mut sessions = 0u64;
     loop {
         inv.set_listener(ListenerState::Connecting);
         let mut listened = false;
-        match session(&node, sessions, &mut listened).await {
+        match session(&inv, sessions, &mut listened).await {
             Ok(()) => tracing::warn!("invalidation listener connection closed; reconnecting"),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "invalidation listener failed; reconnecting")
@@ -55,10 +52,8 @@ pub async fn run(node: Arc<Node>) {
     }
 }
 
-async fn session(node: &Node, sessions_before: u64, listened: &mut bool) -> Result<()> {
-    let inv = node.invalidator();
-    let mut cfg = tokio_postgres::Config::from_str(node.config().database.url.expose())?;
-    cfg.application_name(listener_application_name(node.id()));
+async fn session(inv: &Invalidation, sessions_before: u64, listened: &mut bool) -> Result<()> {
+    let mut cfg = inv.db.connection_config(&inv.listener_name);
     cfg.connect_timeout(Duration::from_secs(5));
     let (client, mut connection) = cfg.connect(tokio_postgres::NoTls).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -80,7 +75,7 @@ async fn session(node: &Node, sessions_before: u64, listened: &mut bool) -> Resu
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         // LISTEN first, then read the log: a change committed in between arrives both ways,
         // which is harmless; the other order could lose it.
-        inv.step(node).await?;
+        inv.step().await?;
         if sessions_before > 0 {
             inv.stats
                 .reconnects
@@ -96,7 +91,7 @@ async fn session(node: &Node, sessions_before: u64, listened: &mut bool) -> Resu
         loop {
             tokio::select! {
                 payload = rx.recv() => match payload {
-                    Some(p) => inv.on_notification(node, &p).await,
+                    Some(p) => inv.on_notification(&p).await,
                     None => return Ok(()),
                 },
                 _ = heartbeat.tick() => {

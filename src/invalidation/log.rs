@@ -1,0 +1,146 @@
+//! What the invalidation log and its NOTIFY payloads say: a row of `openfhir_invalidation_log`
+//! and the compact JSON a trigger (or a node's deferred notifier) sends for it.
+
+use serde::Deserialize;
+
+use crate::cache::Change;
+
+/// The NOTIFY channel the triggers use.
+pub const CHANNEL: &str = "openfhir_invalidation";
+
+/// A row of `openfhir_invalidation_log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRow {
+    /// Log position (assigned at insert).
+    pub position: i64,
+    /// Writing transaction.
+    pub xid: u64,
+    /// Cache group (`opt`, `context`, `model`, `tenant`, or an application's group).
+    pub group: String,
+    /// Tenant, `None` for a TRUNCATE.
+    pub tenant: Option<String>,
+    /// Key, `None` for a TRUNCATE or a tenant row.
+    pub key: Option<String>,
+    /// INSERT, UPDATE, DELETE or TRUNCATE.
+    pub operation: String,
+    /// The node that wrote it, if a node did.
+    pub origin: Option<String>,
+}
+
+impl LogRow {
+    /// What this row invalidates.
+    pub fn change(&self) -> Change {
+        Change::from_log(
+            &self.group,
+            self.tenant.as_deref(),
+            self.key.as_deref(),
+            &self.operation,
+        )
+    }
+}
+
+/// A NOTIFY payload as the triggers send it (short field names keep it far below 8000 bytes).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Payload {
+    p: i64,
+    x: String,
+    g: String,
+    #[serde(default)]
+    t: Option<String>,
+    #[serde(default)]
+    k: Option<String>,
+    o: String,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    truncated: bool,
+}
+
+/// What a NOTIFY payload said, or that it must be read from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notification {
+    /// A complete row.
+    Row(LogRow),
+    /// The key was too long for the payload: read position `.0` from the log (catch-up).
+    ReadLog(i64),
+}
+
+/// Parses a NOTIFY payload; the error names what is wrong with it.
+pub fn parse_payload(payload: &str) -> std::result::Result<Notification, String> {
+    if payload.len() > 8000 {
+        return Err(format!(
+            "payload of {} bytes exceeds NOTIFY's 8000-byte limit",
+            payload.len()
+        ));
+    }
+    let p: Payload =
+        serde_json::from_str(payload).map_err(|e| format!("not an invalidation payload: {e}"))?;
+    let xid =
+        p.x.parse::<u64>()
+            .map_err(|_| format!("xid {:?} is not a transaction id", p.x))?;
+    if !matches!(p.o.as_str(), "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE") {
+        return Err(format!("unknown operation {:?}", p.o));
+    }
+    if p.truncated {
+        return Ok(Notification::ReadLog(p.p));
+    }
+    Ok(Notification::Row(LogRow {
+        position: p.p,
+        xid,
+        group: p.g,
+        tenant: p.t,
+        key: p.k,
+        operation: p.o,
+        origin: p.n,
+    }))
+}
+
+/// Reads a row of `SELECT position, xid::text, cache_group, tenant, key, operation, origin`.
+pub(crate) fn log_row(row: &tokio_postgres::Row) -> std::result::Result<LogRow, String> {
+    let position: i64 = row.try_get(0).map_err(|e| e.to_string())?;
+    let bad = |what: String| format!("log row {position}: {what}");
+    let xid: String = row.try_get(1).map_err(|e| bad(e.to_string()))?;
+    Ok(LogRow {
+        position,
+        xid: xid
+            .parse()
+            .map_err(|_| bad(format!("xid {xid:?} is not a transaction id")))?,
+        group: row.try_get(2).map_err(|e| bad(e.to_string()))?,
+        tenant: row.try_get(3).map_err(|e| bad(e.to_string()))?,
+        key: row.try_get(4).map_err(|e| bad(e.to_string()))?,
+        operation: row.try_get(5).map_err(|e| bad(e.to_string()))?,
+        origin: row.try_get(6).map_err(|e| bad(e.to_string()))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn payloads() {
+        let ok =
+            r#"{"p":7,"x":"812","g":"opt","t":"default","k":"growth_chart","o":"UPDATE","n":null}"#;
+        let Notification::Row(r) = parse_payload(ok).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (r.position, r.xid, r.key.as_deref()),
+            (7, 812, Some("growth_chart"))
+        );
+        let cut = r#"{"p":8,"x":"813","g":"opt","o":"UPDATE","truncated":true}"#;
+        assert_eq!(parse_payload(cut).unwrap(), Notification::ReadLog(8));
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"p":1}"#,
+            r#"{"p":1,"x":"abc","g":"opt","o":"UPDATE"}"#,
+            r#"{"p":1,"x":"1","g":"opt","o":"MERGE"}"#,
+            r#"{"p":1,"x":"1","g":"opt","o":"UPDATE","zz":1}"#,
+        ] {
+            assert!(parse_payload(bad).is_err(), "{bad}");
+        }
+        assert!(parse_payload(&"x".repeat(9000)).is_err());
+    }
+}
