@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use openfhir_cache::catchup::{parse_payload, Notification};
+use openfhir_cache::invalidation::{parse_payload, Notification};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
