@@ -1,5 +1,7 @@
 //! Keeps README.md honest: the configuration table matches `config::VARS`, every route in
 //! `src/api/mod.rs` is documented with each of its methods, the quick start runs what CI runs.
+//! And keeps the documentation in one piece: README stays short and links every page of `docs/`,
+//! and every relative link of the Markdown pages names a file (and heading) that exists.
 //! No database needed.
 
 use openfhir_cache::config::VARS;
@@ -201,4 +203,186 @@ fn ci_runs_the_same_cargo_test() {
         ci.lines().any(|l| l.trim() == "cargo test"),
         ".ci/run must contain the line `cargo test` (the command README tells people to run)"
     );
+}
+
+/// README is the entry point, not the manual: the rest lives in `docs/`.
+const README_MAX_LINES: usize = 300;
+
+#[test]
+fn readme_stays_short() {
+    let n = readme().lines().count();
+    assert!(
+        n <= README_MAX_LINES,
+        "README.md has {n} lines, more than {README_MAX_LINES}: move the detail to a page of docs/ and link it"
+    );
+}
+
+/// The Markdown pages whose links are checked: README, SECURITY, fuzz/README and every `docs/*.md`.
+fn markdown_pages() -> Vec<String> {
+    let mut pages = vec![
+        "README.md".to_string(),
+        "SECURITY.md".to_string(),
+        "fuzz/README.md".to_string(),
+    ];
+    let dir = format!("{}/docs", env!("CARGO_MANIFEST_DIR"));
+    let mut docs: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+        .map(|e| {
+            e.expect("docs/ entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.ends_with(".md"))
+        .map(|name| format!("docs/{name}"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    pages
+}
+
+/// The lines of a Markdown text outside fenced code blocks.
+fn prose_lines(text: &str) -> Vec<&str> {
+    let mut fenced = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if !fenced {
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// The targets of the inline links and images (`[text](target)`) of a Markdown text, outside
+/// fenced code blocks.
+fn link_targets(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in prose_lines(text) {
+        let mut rest = line;
+        while let Some(i) = rest.find("](") {
+            let after = &rest[i + 2..];
+            let Some(end) = after.find(')') else { break };
+            out.push(after[..end].trim().to_string());
+            rest = &after[end..];
+        }
+    }
+    out
+}
+
+/// GitHub's anchor for a heading: lowercase, punctuation dropped, spaces as hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// Every anchor of a Markdown text's headings (repeated headings get `-1`, `-2`, ... as on GitHub).
+fn anchors(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in prose_lines(text) {
+        let hashes = line.bytes().take_while(|b| *b == b'#').count();
+        if hashes == 0 || hashes > 6 || line.as_bytes().get(hashes) != Some(&b' ') {
+            continue;
+        }
+        let base = slug(&line[hashes..]);
+        let mut anchor = base.clone();
+        let mut n = 0;
+        while out.contains(&anchor) {
+            n += 1;
+            anchor = format!("{base}-{n}");
+        }
+        out.push(anchor);
+    }
+    out
+}
+
+#[test]
+fn readme_links_every_docs_page_and_they_exist() {
+    let text = readme();
+    let linked: Vec<String> = link_targets(&text)
+        .into_iter()
+        .map(|t| t.split('#').next().unwrap_or_default().to_string())
+        .filter(|t| t.starts_with("docs/") && t.ends_with(".md"))
+        .collect();
+    for page in &linked {
+        let path = format!("{}/{page}", env!("CARGO_MANIFEST_DIR"));
+        assert!(
+            std::path::Path::new(&path).is_file(),
+            "README.md links {page}, which does not exist"
+        );
+    }
+    for page in markdown_pages()
+        .into_iter()
+        .filter(|p| p.starts_with("docs/"))
+    {
+        assert!(
+            linked.contains(&page),
+            "{page} is not linked from README.md (the README is the table of contents)"
+        );
+    }
+}
+
+#[test]
+fn relative_links_name_existing_files_and_headings() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut broken = Vec::new();
+    for page in markdown_pages() {
+        let text = read(&page);
+        let dir = root
+            .join(&page)
+            .parent()
+            .expect("page has a directory")
+            .to_path_buf();
+        for target in link_targets(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let (file, anchor) = match target.split_once('#') {
+                Some((f, a)) => (f, Some(a)),
+                None => (target.as_str(), None),
+            };
+            let (path, linked_text) = if file.is_empty() {
+                (root.join(&page), text.clone())
+            } else {
+                let path = dir.join(file);
+                if !path.exists() {
+                    broken.push(format!("{page}: ({target}): no such file"));
+                    continue;
+                }
+                let linked_text = if file.ends_with(".md") {
+                    std::fs::read_to_string(&path).unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                (path, linked_text)
+            };
+            if let Some(anchor) = anchor {
+                if path.extension().is_some_and(|e| e == "md")
+                    && !anchors(&linked_text).iter().any(|a| a == anchor)
+                {
+                    broken.push(format!("{page}: ({target}): no heading with that anchor"));
+                }
+            }
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn slugs_are_githubs() {
+    assert_eq!(slug(" `GET /cluster`"), "get-cluster");
+    assert_eq!(
+        slug(" Discovery (`CLUSTER_DISCOVERY`)"),
+        "discovery-cluster_discovery"
+    );
+    assert_eq!(slug(" openFHIR's state API"), "openfhirs-state-api");
+    assert_eq!(slug(" Chaos (`tests/chaos.rs`)"), "chaos-testschaosrs");
 }

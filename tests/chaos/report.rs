@@ -1,4 +1,4 @@
-//! What a chaos run found: per-fault statistics, the failures, and the table the README quotes.
+//! What a chaos run found: per-fault statistics, the failures, and the table docs/testing.md quotes.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
