@@ -10,7 +10,7 @@
 CREATE TABLE IF NOT EXISTS openfhir_invalidation_log (
     position    bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- The writing transaction. Positions are assigned at insert, not at commit, so readers use
-    -- xid and the snapshot's xmin to know which rows are final (see COHERENCE.md).
+    -- xid and the snapshot's xmin to know which rows are final (see docs/coherence.md).
     xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
     cache_group text        NOT NULL,
     tenant      text,                -- NULL: every tenant (TRUNCATE)

@@ -1,7 +1,7 @@
 //! The peer cluster channel: nodes telling each other directly what changed.
 //!
 //! PostgreSQL stays the source of truth and its NOTIFY and catch-up channels stay the guarantee
-//! (see `COHERENCE.md`). The peer channel is meant to be a faster, database-independent path for
+//! (see `docs/coherence.md`). The peer channel is meant to be a faster, database-independent path for
 //! the same [`Change`](crate::cache::Change)s, applied through the same rule
 //! ([`crate::cache::targets`]).
 //!
