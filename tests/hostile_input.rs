@@ -10,7 +10,7 @@
 //! JSON (`parse_fc`, `parse_context`, `parse_model`), and what is compiled from them
 //! (`mapper::compile`, `helpers::build`). The plain "arbitrary bytes" properties of frames,
 //! envelopes, `Opener::open` and announcements live in `tests/cluster_wire.rs` and
-//! `src/cluster/discovery/multicast.rs`; the YAML alias budget is tested next to it in
+//! `src/cluster/discovery/multicast/announcement.rs`; the YAML alias budget is tested next to it in
 //! `src/domain/fhir_connect.rs`.
 //!
 //! Memory is measured by this binary's global allocator, per thread: the peak of live bytes and

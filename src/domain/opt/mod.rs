@@ -1,9 +1,24 @@
 //! OPT (openEHR Operational Template) documents.
+//!
+//! # Layout
+//! * this module: the header ([`Template`], [`parse_opt`], [`xml_start`]) and the stored
+//!   [`OptDocument`].
+//! * `tree`: the definition tree, [`TemplateTree`].
+//! * `limits`: the nesting and size limits checked on the text before it is parsed
+//!   ([`check_xml_depth`]).
+//!
+//! The tree and the limits are also reachable as [`crate::domain::template`], their earlier path.
+
+mod limits;
+mod tree;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
+
+pub use limits::{check_xml_depth, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES};
+pub use tree::{parse_template, Node, NodeKind, Occurrences, TemplateTree};
 
 /// The openEHR XML namespace.
 pub const OPENEHR_NS: &str = "http://schemas.openehr.org/v1";
@@ -139,6 +154,13 @@ pub struct OptDocument {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An OPT with the given `definition` element (for the tree and limits tests).
+    pub(super) fn opt(definition: &str) -> String {
+        format!(
+            r#"<template xmlns="http://schemas.openehr.org/v1" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"><template_id><value>T</value></template_id>{definition}</template>"#
+        )
+    }
 
     const OPT: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
 <template xmlns="http://schemas.openehr.org/v1" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">

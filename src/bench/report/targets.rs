@@ -1,0 +1,317 @@
+//! The published targets: each one's wording, the figure it is checked against, and whether this
+//! run met it.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::Report;
+use crate::bench::read::{Artifact, Path};
+use crate::bench::stats::{fmt_rate, fmt_ratio, fmt_us};
+
+/// A published target and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// Stable id.
+    pub id: &'static str,
+    /// Scenario it belongs to.
+    pub scenario: &'static str,
+    /// The target, in words.
+    pub target: String,
+    /// What this run measured.
+    pub measured: String,
+    /// `Some(true)` met, `Some(false)` missed, `None` not evaluated (scenario not run, baseline
+    /// skipped, or a figure that is only reported).
+    pub met: Option<bool>,
+}
+
+impl Report {
+    /// Compares the figures with the published targets.
+    pub fn evaluate(&mut self) {
+        let mut t = Vec::new();
+        let not_run = |id, scenario, target: &str| Target {
+            id,
+            scenario,
+            target: target.to_string(),
+            measured: "not run".into(),
+            met: None,
+        };
+
+        // ---- read ----
+        const READ_P50: &str = "in-process cached read: p50 <= 1 µs";
+        const READ_RATIO: &str = "in-process cached read >= 100x faster than TTL 0 (p50)";
+        const HTTP_TP: &str = "HTTP cached GET >= 10x the throughput of TTL 0 at concurrency 64";
+        match &self.read {
+            Some(r) => {
+                let worst = Artifact::ALL
+                    .iter()
+                    .filter_map(|&a| r.cell(a, Path::Api, true, 1).map(|c| (a, c.latency.p50_us)))
+                    .max_by(|x, y| x.1.total_cmp(&y.1));
+                if let Some((a, p50)) = worst {
+                    t.push(Target {
+                        id: "read_api_p50",
+                        scenario: "read",
+                        target: READ_P50.into(),
+                        measured: format!(
+                            "slowest artifact ({}) p50 {} at concurrency 1",
+                            a.label(),
+                            fmt_us(p50)
+                        ),
+                        met: Some(p50 <= 1.0),
+                    });
+                }
+                let ratio = |p: Path, c: usize, f: fn(&crate::bench::read::ReadRatio) -> f64| {
+                    r.ratios
+                        .iter()
+                        .filter(|x| x.path == p && x.concurrency == c)
+                        .map(|x| (x.artifact, f(x)))
+                        .min_by(|x, y| x.1.total_cmp(&y.1))
+                };
+                if let Some((a, v)) = ratio(Path::Api, 1, |x| x.p50_speedup) {
+                    t.push(Target {
+                        id: "read_api_ratio",
+                        scenario: "read",
+                        target: READ_RATIO.into(),
+                        measured: format!("smallest speedup {} ({})", fmt_ratio(v), a.label()),
+                        met: Some(v >= 100.0),
+                    });
+                }
+                if let Some((a, v)) = ratio(Path::Http, 64, |x| x.throughput_ratio) {
+                    t.push(Target {
+                        id: "read_http_throughput",
+                        scenario: "read",
+                        target: HTTP_TP.into(),
+                        measured: format!("smallest ratio {} ({})", fmt_ratio(v), a.label()),
+                        met: Some(v >= 10.0),
+                    });
+                }
+            }
+            None => {
+                t.push(not_run("read_api_p50", "read", READ_P50));
+                t.push(not_run("read_api_ratio", "read", READ_RATIO));
+                t.push(not_run("read_http_throughput", "read", HTTP_TP));
+            }
+        }
+
+        // ---- cold start ----
+        const COLD: &str = "cold start: exactly one load and one compile per key at every K";
+        match &self.cold_start {
+            Some(c) => {
+                let ks: Vec<String> = c
+                    .cells
+                    .iter()
+                    .filter(|x| x.cached && x.path == Path::Api)
+                    .map(|x| x.k.to_string())
+                    .collect();
+                let worst = c
+                    .cells
+                    .iter()
+                    .filter(|x| x.cached)
+                    .map(|x| {
+                        x.loads_max
+                            .opt
+                            .max(x.loads_max.context)
+                            .max(x.loads_max.mapper_compiles)
+                            .max(x.loads_max.helper_builds)
+                    })
+                    .max()
+                    .unwrap_or(0);
+                t.push(Target {
+                    id: "cold_exactly_once",
+                    scenario: "cold-start",
+                    target: COLD.into(),
+                    measured: format!(
+                        "K = {}: at most {worst} load(s) of any cache per trial",
+                        ks.join(", ")
+                    ),
+                    met: Some(c.exactly_once),
+                });
+            }
+            None => t.push(not_run("cold_exactly_once", "cold-start", COLD)),
+        }
+
+        // ---- propagation ----
+        const PEER_P50: &str = "peer channel, 3 nodes: p50 <= 60 µs";
+        const PEER_P99: &str = "peer channel, 3 nodes: p99 <= 200 µs";
+        const PEER_FASTEST: &str =
+            "peer channel faster than NOTIFY and Redis pub/sub (p50 and p99)";
+        const FLOOR: &str =
+            "raw TCP floor reported (every propagation figure is also a ratio to it)";
+        match &self.propagation {
+            Some(p) => {
+                if let Some(peer) = p.channel("peer") {
+                    let l = &peer.latency;
+                    t.push(Target {
+                        id: "peer_p50",
+                        scenario: "propagation",
+                        target: PEER_P50.into(),
+                        measured: format!(
+                            "{} ({} the TCP floor)",
+                            fmt_us(l.p50_us),
+                            fmt_ratio(peer.ratio_to_tcp_p50)
+                        ),
+                        met: Some(l.p50_us <= 60.0),
+                    });
+                    t.push(Target {
+                        id: "peer_p99",
+                        scenario: "propagation",
+                        target: PEER_P99.into(),
+                        measured: format!(
+                            "{} ({} the TCP floor)",
+                            fmt_us(l.p99_us),
+                            fmt_ratio(peer.ratio_to_tcp_p99)
+                        ),
+                        met: Some(l.p99_us <= 200.0),
+                    });
+                    let others: Vec<_> = ["notify_direct", "notify_trigger", "redis"]
+                        .iter()
+                        .filter_map(|id| p.channel(id))
+                        .collect();
+                    let redis_skipped = p
+                        .channels
+                        .iter()
+                        .find(|c| c.id == "redis")
+                        .and_then(|c| c.skipped.clone());
+                    let mut measured = others
+                        .iter()
+                        .map(|o| {
+                            format!(
+                                "{}: p50 {} p99 {}",
+                                o.id,
+                                fmt_us(o.latency.p50_us),
+                                fmt_us(o.latency.p99_us)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    if let Some(r) = &redis_skipped {
+                        measured.push_str(&format!("; Redis skipped: {r}"));
+                    }
+                    let faster = others
+                        .iter()
+                        .all(|o| l.p50_us < o.latency.p50_us && l.p99_us < o.latency.p99_us);
+                    t.push(Target {
+                        id: "peer_fastest",
+                        scenario: "propagation",
+                        target: PEER_FASTEST.into(),
+                        measured,
+                        met: if redis_skipped.is_some() && faster {
+                            None
+                        } else {
+                            Some(faster)
+                        },
+                    });
+                }
+                if let Some(f) = p.channel("tcp_floor") {
+                    t.push(Target {
+                        id: "tcp_floor",
+                        scenario: "propagation",
+                        target: FLOOR.into(),
+                        measured: format!(
+                            "p50 {} p99 {}",
+                            fmt_us(f.latency.p50_us),
+                            fmt_us(f.latency.p99_us)
+                        ),
+                        met: Some(true),
+                    });
+                }
+            }
+            None => {
+                t.push(not_run("peer_p50", "propagation", PEER_P50));
+                t.push(not_run("peer_p99", "propagation", PEER_P99));
+                t.push(not_run("peer_fastest", "propagation", PEER_FASTEST));
+                t.push(not_run("tcp_floor", "propagation", FLOOR));
+            }
+        }
+
+        // ---- scale ----
+        const SCALE: &str = "peer channel, 32 nodes: p99 < 2 ms";
+        match self
+            .scale
+            .as_ref()
+            .and_then(|s| s.rows.iter().max_by_key(|r| r.nodes))
+        {
+            Some(r) => t.push(Target {
+                id: "scale_p99",
+                scenario: "scale",
+                target: SCALE.into(),
+                measured: format!(
+                    "{} nodes: p50 {} p99 {}",
+                    r.nodes,
+                    fmt_us(r.latency.p50_us),
+                    fmt_us(r.latency.p99_us)
+                ),
+                met: (r.nodes >= 32).then_some(r.latency.p99_us < 2000.0 && r.lost == 0),
+            }),
+            None => t.push(not_run("scale_p99", "scale", SCALE)),
+        }
+
+        // ---- write ----
+        const WRITE: &str =
+            "trigger + NOTIFY overhead on upserts <= 20% (p50 latency and throughput)";
+        match &self.write {
+            Some(w) => {
+                let worst = w
+                    .overhead
+                    .iter()
+                    .filter(|o| o.variant == crate::bench::write::Variant::LogAndNotify)
+                    .map(|o| (o, o.p50_pct.max(o.throughput_pct)))
+                    .max_by(|x, y| x.1.total_cmp(&y.1));
+                if let Some((o, v)) = worst {
+                    t.push(Target {
+                        id: "write_overhead",
+                        scenario: "write",
+                        target: WRITE.into(),
+                        measured: format!(
+                            "worst: {:+.0}% ({} B OPT, {} writer(s): p50 {:+.0}%, throughput {:+.0}%)",
+                            v, o.payload_bytes, o.writers, o.p50_pct, o.throughput_pct
+                        ),
+                        met: Some(v <= 20.0),
+                    });
+                }
+            }
+            None => t.push(not_run("write_overhead", "write", WRITE)),
+        }
+
+        // ---- catch-up ----
+        const CATCHUP: &str = "catch-up of 100,000 log rows < 1 s";
+        match self
+            .catchup
+            .as_ref()
+            .and_then(|c| c.rows.iter().find(|r| r.rows == 100_000))
+        {
+            Some(r) => t.push(Target {
+                id: "catchup_100k",
+                scenario: "catchup",
+                target: CATCHUP.into(),
+                measured: format!(
+                    "{} median, {} slowest ({} rows/s)",
+                    fmt_us(r.step_ms * 1e3),
+                    fmt_us(r.step_max_ms * 1e3),
+                    fmt_rate(r.rows_per_sec)
+                ),
+                met: Some(r.step_ms < 1000.0),
+            }),
+            None => t.push(not_run("catchup_100k", "catchup", CATCHUP)),
+        }
+        self.targets = t;
+    }
+
+    /// The targets as a Markdown table (also the summary printed on stdout).
+    pub fn targets_table(&self) -> String {
+        let mut s = String::from("| scenario | target | measured | met |\n|---|---|---|---|\n");
+        for t in &self.targets {
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**NO**",
+                None => "-",
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {met} |",
+                t.scenario, t.target, t.measured
+            );
+        }
+        s
+    }
+}

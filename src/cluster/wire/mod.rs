@@ -1,0 +1,175 @@
+//! The cluster channel's wire format: length-prefixed frames carrying JSON [`Envelope`]s.
+//!
+//! # Frames
+//! A frame is a `u32` big-endian payload length followed by that many payload bytes. The length is
+//! checked against the caller's limit (normally [`MAX_FRAME`]) **before** any buffer is allocated,
+//! and a zero length is refused: a header claiming 4 GiB costs the reader four bytes, not 4 GiB.
+//!
+//! # Envelopes
+//! Every payload is (after the session layer of [`super::auth`] has removed its MAC) one JSON
+//! [`Envelope`]: the magic number [`MAGIC`], the protocol version [`PROTOCOL`], the cluster name and
+//! the [`Message`]. [`Envelope::decode`] checks them in that order and says which one failed, so a
+//! node that reached a foreign service, an older release or the wrong cluster logs exactly that.
+//!
+//! # Guarantees
+//! Every decoder here ([`decode_frame_header`], [`decode_frame`], [`read_frame`],
+//! [`Envelope::decode`], [`Envelope::peek_header`]) is total: any input yields a value or a
+//! [`WireError`], never a panic, and never allocates more than the size limit allows.
+//!
+//! # Layout
+//! * `frame`: frames, their size limit, and reading and writing them.
+//! * `hex`: the [`Nonce`] and [`Tag`] byte strings and their hex form.
+//! * `message`: the [`Message`] variants.
+//! * `envelope`: the [`Envelope`] around every message, and its checks.
+//! * this module: the constants and [`WireError`].
+
+mod envelope;
+mod frame;
+mod hex;
+mod message;
+
+pub use envelope::{Envelope, EnvelopeHeader};
+pub use frame::{
+    decode_frame, decode_frame_header, encode_frame, read_frame, write_frame, FrameReader,
+};
+pub use hex::{Nonce, Tag};
+pub use message::{
+    Heartbeat, Hello, Invalidate, Leave, Message, Proof, Reject, RejectReason, Welcome,
+};
+
+/// Magic number on every envelope: `"OFC1"` in ASCII (`0x4F464331`).
+pub const MAGIC: u32 = 0x4F46_4331;
+
+/// Protocol version on every envelope. A node refuses envelopes of any other version.
+pub const PROTOCOL: u16 = 1;
+
+/// Largest frame payload, in bytes (64 KiB), MAC included.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Size of a frame header: the `u32` big-endian payload length.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// Length in bytes of a handshake nonce.
+pub const NONCE_LEN: usize = 32;
+
+/// Length in bytes of an HMAC-SHA256 tag (proofs and frame MACs).
+pub const TAG_LEN: usize = 32;
+
+/// Why bytes from a peer could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// A frame (or message) is longer than the limit. Nothing was allocated for it.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The length claimed or found.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame or message of zero bytes.
+    #[error("empty frame")]
+    Empty,
+    /// The input ended inside a frame header, a frame, or a sealed frame's MAC and sequence number.
+    #[error("truncated frame")]
+    Truncated,
+    /// The peer closed the stream cleanly between two frames.
+    #[error("connection closed by the peer")]
+    Closed,
+    /// The envelope does not start with [`MAGIC`]: the peer is not an openfhir-cache node.
+    #[error(
+        "bad magic number {got:#010x} (expected {MAGIC:#010x}): not an openfhir-cache cluster peer"
+    )]
+    BadMagic {
+        /// The magic number received.
+        got: u32,
+    },
+    /// The envelope's protocol version is not [`PROTOCOL`].
+    #[error("unsupported cluster protocol version {got} (this node speaks {PROTOCOL})")]
+    UnsupportedProtocol {
+        /// The version received.
+        got: u16,
+    },
+    /// The envelope names another cluster.
+    #[error("message for cluster {theirs:?}, but this node is in cluster {ours:?}")]
+    WrongCluster {
+        /// This node's cluster name.
+        ours: String,
+        /// The cluster name in the message.
+        theirs: String,
+    },
+    /// The payload is not a valid envelope (bad JSON, unknown message type, unknown field, bad hex).
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A sealed frame's MAC does not match: tampered, reflected, or sealed with another key.
+    #[error("frame authentication failed (bad MAC)")]
+    BadMac,
+    /// An authentic frame whose sequence number was already used: a replay.
+    #[error("replayed frame: sequence number {got}, expected above {expected_above}")]
+    Replay {
+        /// The sequence number received.
+        got: u64,
+        /// The last sequence number accepted.
+        expected_above: u64,
+    },
+    /// An authentic frame that skips sequence numbers: frames were dropped in between.
+    #[error("frames missing: sequence number {got}, expected {expected}")]
+    SeqGap {
+        /// The sequence number received.
+        got: u64,
+        /// The next sequence number expected.
+        expected: u64,
+    },
+    /// The sender used up its sequence numbers (2^64 frames); the session must be re-established.
+    #[error("sequence numbers exhausted; reconnect")]
+    SeqExhausted,
+    /// Reading or writing the stream failed.
+    #[error("cluster connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WireError {
+    /// True when the peer went away ([`WireError::Closed`], [`WireError::Truncated`], or an I/O
+    /// error such as a reset): the connection is over, but nothing was forged.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            WireError::Closed | WireError::Truncated => true,
+            WireError::Io(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            _ => false,
+        }
+    }
+
+    /// True when the peer sent something forged or replayed ([`WireError::BadMac`],
+    /// [`WireError::Replay`], [`WireError::SeqGap`]): worth a warning, and the connection must be
+    /// dropped.
+    pub fn is_security(&self) -> bool {
+        matches!(
+            self,
+            WireError::BadMac | WireError::Replay { .. } | WireError::SeqGap { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn magic_is_ofc1() {
+        assert_eq!(&MAGIC.to_be_bytes(), b"OFC1");
+    }
+
+    #[test]
+    fn error_classification() {
+        assert!(WireError::Closed.is_closed());
+        assert!(WireError::BadMac.is_security());
+        assert!(!WireError::Empty.is_closed());
+        assert!(!WireError::Empty.is_security());
+    }
+}
