@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use openfhir_cache::cache::VersionedCache;
 use openfhir_cache::config::Ttl;
 use openfhir_cache::domain::fc_model::{parse_context, parse_model, ModelDocument};
-use openfhir_cache::domain::template::TemplateTree;
+use openfhir_cache::domain::opt::TemplateTree;
 use openfhir_cache::domain::{helpers, mapper, FcFormat};
 
 fn fixture(name: &str) -> String {

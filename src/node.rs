@@ -431,7 +431,7 @@ impl Node {
         xml: &str,
         put: Put<'_>,
     ) -> Result<(OptSummary, Written)> {
-        let t = crate::domain::template::TemplateTree::parse(xml)?
+        let t = crate::domain::opt::TemplateTree::parse(xml)?
             .header()
             .clone();
         let (db, t) = (&self.db, &t);

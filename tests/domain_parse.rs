@@ -7,7 +7,7 @@ use openfhir_cache::domain::fc_model::{
     parse_context, parse_model, ContextDocument, Direction, ExtensionKind, FieldError,
     ModelDocument,
 };
-use openfhir_cache::domain::template::{NodeKind, Occurrences, TemplateTree, MAX_DEPTH};
+use openfhir_cache::domain::opt::{NodeKind, Occurrences, TemplateTree, MAX_DEPTH};
 use openfhir_cache::domain::FcFormat;
 use openfhir_cache::Error;
 

@@ -38,7 +38,7 @@ use openfhir_cache::domain::fc_model::{
 };
 use openfhir_cache::domain::helpers::{self, MAX_HELPERS, MAX_TREE_BYTES};
 use openfhir_cache::domain::mapper::compile;
-use openfhir_cache::domain::template::{
+use openfhir_cache::domain::opt::{
     check_xml_depth, TemplateTree, MAX_ATTRIBUTES, MAX_DEPTH, MAX_NAMESPACES,
 };
 use openfhir_cache::domain::yaml_scan::{scan_flow_depth, ScanError, MAX_FLOW_DEPTH};

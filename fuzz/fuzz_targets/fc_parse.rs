@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use openfhir_cache::domain::fc_model::{
     parse_context, parse_model, ContextDocument, ModelDocument,
 };
-use openfhir_cache::domain::template::TemplateTree;
+use openfhir_cache::domain::opt::TemplateTree;
 use openfhir_cache::domain::{helpers, mapper, parse_fc, FcFormat, FcKind};
 
 struct Fixtures {

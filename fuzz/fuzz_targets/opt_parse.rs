@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use openfhir_cache::domain::parse_opt;
-use openfhir_cache::domain::template::TemplateTree;
+use openfhir_cache::domain::opt::TemplateTree;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(xml) = std::str::from_utf8(data) else {

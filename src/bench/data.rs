@@ -86,9 +86,9 @@ mod tests {
 
     #[test]
     fn fixtures_parse() {
-        let t = crate::domain::template::TemplateTree::parse(OPT).unwrap();
+        let t = crate::domain::opt::TemplateTree::parse(OPT).unwrap();
         assert_eq!(t.header().normalized_id, TEMPLATE);
-        let s = crate::domain::template::TemplateTree::parse(&small_opt("Small 1", "v1")).unwrap();
+        let s = crate::domain::opt::TemplateTree::parse(&small_opt("Small 1", "v1")).unwrap();
         assert_eq!(s.header().normalized_id, "small_1");
         for n in 1..=EXTRA_CONTEXTS {
             crate::domain::fc_model::parse_context(&extra_context(n), FcFormat::Yaml).unwrap();

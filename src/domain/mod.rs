@@ -7,15 +7,6 @@ pub mod mapper;
 pub mod opt;
 pub mod yaml_scan;
 
-/// The definition tree of an OPT and the limits checked before parsing one, at their earlier
-/// path (the code is in [`opt`]).
-pub mod template {
-    pub use super::opt::{
-        check_xml_depth, parse_template, Node, NodeKind, Occurrences, TemplateTree, MAX_ATTRIBUTES,
-        MAX_DEPTH, MAX_NAMESPACES,
-    };
-}
-
 use serde::Serialize;
 use time::OffsetDateTime;
 

@@ -297,13 +297,12 @@ impl Db {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let content: String = row.get("content");
-        let tree = crate::domain::template::TemplateTree::parse(&content).map_err(|e| {
-            Error::CorruptRow {
+        let tree =
+            crate::domain::opt::TemplateTree::parse(&content).map_err(|e| Error::CorruptRow {
                 what: "OPT",
                 id: format!("{tenant}:{template_id}"),
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(Some(OptDocument {
             id: row.get("id"),
             tenant: tenant.to_string(),

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::domain::fc_model::{Mapping, ModelDocument};
 use crate::domain::mapper::MapperIndex;
-use crate::domain::template::TemplateTree;
+use crate::domain::opt::TemplateTree;
 
 /// Deepest helper nesting expanded; children below it are reported in
 /// [`HelperTree::unresolved`] instead.

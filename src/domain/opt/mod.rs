@@ -7,7 +7,6 @@
 //! * `limits`: the nesting and size limits checked on the text before it is parsed
 //!   ([`check_xml_depth`]).
 //!
-//! The tree and the limits are also reachable as [`crate::domain::template`], their earlier path.
 
 mod limits;
 mod tree;
@@ -64,7 +63,7 @@ pub fn xml_start(text: &str) -> &str {
 /// Reads the header of an OPT (`<template>` root element): the one header parse of every path
 /// that stores or reads an OPT ([`parse_opt`] and [`TemplateTree::parse`]).
 ///
-/// [`TemplateTree::parse`]: crate::domain::template::TemplateTree::parse
+/// [`TemplateTree::parse`]: crate::domain::opt::TemplateTree::parse
 pub(crate) fn read_header(root: roxmltree::Node<'_, '_>) -> Result<Template> {
     if root.tag_name().name() != "template" {
         return Err(Error::invalid(
@@ -119,7 +118,7 @@ pub fn parse_opt(xml: &str) -> Result<Template> {
     let xml = xml_start(xml);
     // roxmltree recurses once per nesting level: refuse absurd nesting before it can overflow
     // the stack (a crash of the node, not an error).
-    crate::domain::template::check_xml_depth(xml, crate::domain::template::MAX_DEPTH)?;
+    crate::domain::opt::check_xml_depth(xml, crate::domain::opt::MAX_DEPTH)?;
     let doc = roxmltree::Document::parse(xml)
         .map_err(|e| Error::invalid("malformed OPT XML", format!("malformed OPT XML: {e}")))?;
     read_header(doc.root_element())
@@ -142,7 +141,7 @@ pub struct OptDocument {
     pub content: bytes::Bytes,
     /// The parsed definition tree (immutable, shared by every reader).
     #[serde(skip)]
-    pub tree: std::sync::Arc<crate::domain::template::TemplateTree>,
+    pub tree: std::sync::Arc<crate::domain::opt::TemplateTree>,
     /// Created.
     #[serde(with = "time::serde::rfc3339")]
     pub created: OffsetDateTime,
