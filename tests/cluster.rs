@@ -695,3 +695,49 @@ async fn dns_nodes_find_each_other_and_a_pod_added_later_joins() {
     n2.stop().await;
     n1.stop().await;
 }
+
+/// A write whose request is cancelled mid-way (a timeout, a client gone) may still commit: the
+/// node announces its changes to the peers anyway, here while the database channels are off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_write_is_still_announced_to_the_peers() {
+    use openfhir_cache::node::Put;
+    let db = TestDb::new().await;
+    let name = cluster_name();
+    let hosts = "127.0.73.1[7800],127.0.73.2[7800]";
+    let a = start(&db.url, &node_env(&name, "127.0.73.1", hosts, &[])).await;
+    let b = start(&db.url, &node_env(&name, "127.0.73.2", hosts, &[])).await;
+    all_connected(&[&a, &b]).await;
+    assert_eq!(a.put_opt("held", &opt_xml("held", "one")).await, 200);
+    assert!(b.get_text("/opt/held").await.contains("one"));
+    assert!(b.node.caches().opt.contains("default", Some("held")).await);
+
+    // The row is locked elsewhere, so A's write waits; its caller gives up.
+    let mut sql = a.sql().await;
+    let lock = sql.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM opt WHERE template_id = 'held' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let xml = opt_xml("held", "two");
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(300),
+        a.node.put_opt("default", &xml, Put::At("held")),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the write was expected to wait on the lock"
+    );
+    assert!(
+        wait_for(5, || {
+            futures_util::FutureExt::now_or_never(
+                b.node.caches().opt.contains("default", Some("held")),
+            ) == Some(false)
+        })
+        .await,
+        "B was never told of the cancelled write"
+    );
+    lock.rollback().await.unwrap();
+}
