@@ -1,4 +1,5 @@
-//! Command line: `serve`, `migrate`, `config`, `health`, `bench`.
+//! Command line of the `openfhir-cache` binary: `serve`, `migrate`, `config`, `health` and, with
+//! the `bench` feature (on by default), `bench`.
 
 use std::path::PathBuf;
 
@@ -40,10 +41,12 @@ pub enum Command {
     },
     /// Benchmark this cache against the alternatives (TTL 0, NOTIFY, catch-up, Redis pub/sub)
     /// on this machine's PostgreSQL; writes a report directory (JSON, Markdown, SVG charts).
+    #[cfg(feature = "bench")]
     Bench(BenchArgs),
 }
 
 /// Options of `bench`.
+#[cfg(feature = "bench")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// The short run (about a minute) instead of the full one (under ten minutes).
@@ -52,7 +55,7 @@ pub struct BenchArgs {
 
     /// Run only this scenario (repeatable): read, cold-start, propagation, scale, write, catchup.
     #[arg(long = "scenario", value_name = "NAME", value_enum)]
-    pub scenarios: Vec<crate::bench::Scenario>,
+    pub scenarios: Vec<openfhir_cache::bench::Scenario>,
 
     /// Report directory (report.json, report.md and the SVG charts).
     #[arg(long, value_name = "DIR", default_value = "target/bench-report")]

@@ -20,10 +20,10 @@
 
 pub mod api;
 pub mod app;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod bootstrap;
 pub mod cache;
-pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod domain;

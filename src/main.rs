@@ -2,8 +2,10 @@
 
 use std::process::ExitCode;
 
+mod cli;
+
 use clap::Parser;
-use openfhir_cache::cli::{Cli, Command};
+use cli::{Cli, Command};
 use openfhir_cache::config::{Config, LogFormat, Sources};
 use openfhir_cache::{app, store::Db};
 
@@ -30,6 +32,7 @@ fn main() -> ExitCode {
     }
     // The benchmark starts dozens of nodes in this process: only their errors are of interest.
     let default_filter = match cli.command {
+        #[cfg(feature = "bench")]
         Command::Bench(_) => "error",
         _ => "info",
     };
@@ -45,11 +48,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let interrupted = matches!(
-                e.downcast_ref::<openfhir_cache::bench::BenchError>(),
-                Some(openfhir_cache::bench::BenchError::Interrupted)
-            );
-            if interrupted {
+            if interrupted(&e) {
                 // 128 + SIGINT, as shells report an interrupted command.
                 ExitCode::from(130)
             } else {
@@ -57,6 +56,20 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Whether the error is a benchmark run stopped by Ctrl-C.
+#[cfg(feature = "bench")]
+fn interrupted(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<openfhir_cache::bench::BenchError>(),
+        Some(openfhir_cache::bench::BenchError::Interrupted)
+    )
+}
+
+#[cfg(not(feature = "bench"))]
+fn interrupted(_: &anyhow::Error) -> bool {
+    false
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
@@ -93,6 +106,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             println!("{addr}/health/live: live");
         }
+        #[cfg(feature = "bench")]
         Command::Bench(args) => {
             let opts = openfhir_cache::bench::BenchOptions {
                 quick: args.quick,

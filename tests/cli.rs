@@ -589,3 +589,57 @@ fn a_server_that_refuses_the_login_gets_its_own_hint() {
     assert!(err.contains("refused the login"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The crates only the benchmark harness needs: what `default-features = false` must leave out.
+const BENCH_CRATES: [&str; 5] = ["indicatif", "plotters", "redis", "hdrhistogram", "reqwest"];
+
+/// The names of the crates the library depends on (normal edges only), with or without the
+/// default features.
+fn dependency_names(default_features: bool) -> Vec<String> {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let mut args = vec![
+        "tree",
+        "--manifest-path",
+        manifest,
+        "--edges",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+        "--locked",
+        "--offline",
+    ];
+    if !default_features {
+        args.push("--no-default-features");
+    }
+    let out = Command::new(env!("CARGO"))
+        .args(&args)
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "cargo tree: {}", describe(&out));
+    stdout(&out)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn embedding_without_default_features_leaves_the_bench_crates_out() {
+    let with = dependency_names(true);
+    for krate in BENCH_CRATES {
+        assert!(
+            with.iter().any(|n| n == krate),
+            "{krate} is no longer a dependency of the bench feature: update BENCH_CRATES"
+        );
+    }
+    let without = dependency_names(false);
+    let pulled: Vec<_> = BENCH_CRATES
+        .iter()
+        .filter(|k| without.iter().any(|n| n == *k))
+        .collect();
+    assert!(
+        pulled.is_empty(),
+        "`default-features = false` still pulls {pulled:?}"
+    );
+}
