@@ -7,92 +7,27 @@
 //! end), catch-up (at a fixed interval), and as baselines the same invalidation over Redis
 //! pub/sub and a raw TCP message between two tasks (the floor).
 
-use std::sync::Arc;
+mod probes;
+mod receipts;
+
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 
-use super::harness::{node_err, sql, Fleet, Harness, Linking, NodeSpec};
+use super::harness::{node_err, sql, Harness, Linking, NodeSpec};
 use super::stats::{Recorder, Summary};
-use super::{data, BenchError, BenchResult};
+use super::{data, BenchResult};
 use crate::cache::Change;
 use crate::node::Put;
+use probes::{put, RedisProbe, TcpProbe};
+use receipts::drain;
+
+pub use receipts::{await_all, hook, unhook};
 
 /// Nodes in the propagation clusters.
 pub const NODES: usize = 3;
 /// Pause between two writes.
 const GAP: Duration = Duration::from_millis(1);
-/// How long one write may take to reach every peer before it counts as lost.
-const LOST_AFTER: Duration = Duration::from_secs(3);
-
-/// A receipt: which node applied which key when.
-type Receipt = (usize, Instant, String);
-
-/// The key a change is about (template id for OPT and context changes).
-fn key_of(c: &Change) -> String {
-    match c {
-        Change::Opt { template_id, .. } | Change::Context { template_id, .. } => {
-            template_id.clone()
-        }
-        _ => String::new(),
-    }
-}
-
-/// Installs apply hooks on `peers` of `fleet`; receipts arrive on the returned channel.
-pub fn hook(fleet: &Fleet, peers: &[usize]) -> mpsc::UnboundedReceiver<Receipt> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    for &i in peers {
-        let tx = tx.clone();
-        fleet
-            .node(i)
-            .set_apply_hook(Some(Arc::new(move |c: &Change| {
-                let at = Instant::now();
-                let _ = tx.send((i, at, key_of(c)));
-            })));
-    }
-    rx
-}
-
-/// Removes the hooks again.
-pub fn unhook(fleet: &Fleet) {
-    for r in &fleet.nodes {
-        r.node.set_apply_hook(None);
-    }
-}
-
-/// Drops receipts still queued (late duplicates of earlier writes, seeding).
-async fn drain(rx: &mut mpsc::UnboundedReceiver<Receipt>) {
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    while rx.try_recv().is_ok() {}
-}
-
-/// Waits until every one of `peers` applied `key`; the latency of each, in `peers` order, or
-/// `None` when one did not within [`LOST_AFTER`].
-pub async fn await_all(
-    rx: &mut mpsc::UnboundedReceiver<Receipt>,
-    key: &str,
-    peers: &[usize],
-    t0: Instant,
-) -> Option<Vec<Duration>> {
-    let mut got: Vec<Option<Duration>> = vec![None; peers.len()];
-    let deadline = tokio::time::Instant::from_std(t0 + LOST_AFTER);
-    while got.iter().any(Option::is_none) {
-        let (i, at, k) = match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(r)) => r,
-            _ => return None,
-        };
-        if k != key {
-            continue;
-        }
-        if let Some(pos) = peers.iter().position(|&p| p == i) {
-            got[pos].get_or_insert(at.saturating_duration_since(t0));
-        }
-    }
-    Some(got.into_iter().flatten().collect())
-}
 
 /// Latencies of one channel.
 #[derive(Debug, Default)]
@@ -487,193 +422,8 @@ pub async fn run(h: &Harness) -> BenchResult<PropagationReport> {
     })
 }
 
-/// An HTTP PUT of a small OPT `key` to the writer at `base`: how long the PUT took, and the
-/// propagation from its start to every peer.
-async fn put(
-    h: &Harness,
-    client: &reqwest::Client,
-    base: &str,
-    key: &str,
-    rx: &mut mpsc::UnboundedReceiver<Receipt>,
-    peers: &[usize],
-) -> BenchResult<(Duration, Option<Vec<Duration>>)> {
-    let url = format!("{base}/opt/{key}");
-    let body = data::small_opt(key, "v1");
-    let t0 = Instant::now();
-    let r = client
-        .put(&url)
-        .header("x-tenant-id", &h.tenant)
-        .header("content-type", "application/xml")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| BenchError::Http {
-            what: format!("PUT {url}"),
-            message: e.to_string(),
-        })?;
-    let took = t0.elapsed();
-    if !r.status().is_success() {
-        return Err(BenchError::Http {
-            what: format!("PUT {url}"),
-            message: format!("status {}", r.status()),
-        });
-    }
-    Ok((took, await_all(rx, key, peers, t0).await))
-}
-
 fn random_fraction() -> f64 {
     let mut b = [0u8; 4];
     let _ = getrandom::fill(&mut b);
     f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
-}
-
-/// One-way latency of a 16-byte message over loopback TCP (`TCP_NODELAY`) between two tasks of
-/// this runtime: written by the measuring task itself (the floor), or, with `hop`, put into a
-/// bounded queue that a writer task owning the socket drains (the peer channel's shape: one
-/// more task wake-up on the way).
-struct TcpProbe {
-    direct: Option<tokio::net::TcpStream>,
-    queue: Option<mpsc::Sender<[u8; 16]>>,
-    rx: mpsc::UnboundedReceiver<Receipt>,
-    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
-}
-
-impl TcpProbe {
-    async fn start(hop: bool) -> BenchResult<TcpProbe> {
-        let io = |e: std::io::Error| BenchError::Setup(format!("raw TCP floor: {e}"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(io)?;
-        let addr = listener.local_addr().map_err(io)?;
-        let (tx, rx) = mpsc::unbounded_channel::<Receipt>();
-        let reader = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await?;
-            s.set_nodelay(true)?;
-            let mut buf = [0u8; 16];
-            loop {
-                s.read_exact(&mut buf).await?;
-                let at = Instant::now();
-                let (k, _) = buf.split_at(8);
-                let k = u64::from_le_bytes(k.try_into().unwrap_or([0; 8]));
-                let _ = tx.send((1, at, k.to_string()));
-            }
-        });
-        let mut w = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
-        w.set_nodelay(true).map_err(io)?;
-        let mut probe = TcpProbe {
-            direct: None,
-            queue: None,
-            rx,
-            tasks: vec![reader],
-        };
-        if hop {
-            let (qtx, mut qrx) = mpsc::channel::<[u8; 16]>(4096);
-            probe.tasks.push(tokio::spawn(async move {
-                while let Some(msg) = qrx.recv().await {
-                    w.write_all(&msg).await?;
-                }
-                Ok(())
-            }));
-            probe.queue = Some(qtx);
-        } else {
-            probe.direct = Some(w);
-        }
-        Ok(probe)
-    }
-
-    async fn one(&mut self, k: u64) -> BenchResult<Option<Vec<Duration>>> {
-        let mut msg = [0u8; 16];
-        msg[..8].copy_from_slice(&k.to_le_bytes());
-        let t0 = Instant::now();
-        if let Some(w) = &mut self.direct {
-            w.write_all(&msg)
-                .await
-                .map_err(|e| BenchError::Setup(format!("raw TCP floor: {e}")))?;
-        } else if let Some(q) = &self.queue {
-            q.try_send(msg)
-                .map_err(|_| BenchError::Setup("raw TCP floor: the writer task stopped".into()))?;
-        }
-        Ok(await_all(&mut self.rx, &k.to_string(), &[1], t0).await)
-    }
-
-    fn stop(self) {
-        for t in self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// The same invalidation over Redis pub/sub: the writer publishes the change as JSON; one
-/// subscriber per peer node decodes it and applies it to that node.
-struct RedisProbe {
-    publisher: redis::aio::MultiplexedConnection,
-    channel: String,
-    subscribers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl RedisProbe {
-    /// Connects and subscribes; `Err` is the reason to skip Redis.
-    async fn start(url: &str, f: &Fleet, peers: &[usize]) -> Result<RedisProbe, String> {
-        let limit = Duration::from_secs(2);
-        let client = redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?;
-        let publisher = tokio::time::timeout(limit, client.get_multiplexed_async_connection())
-            .await
-            .map_err(|_| format!("{url}: no answer within 2 s"))?
-            .map_err(|e| format!("{url}: {e}"))?;
-        let channel = format!("openfhir-bench-{}", std::process::id());
-        let mut subscribers = Vec::new();
-        for &i in peers {
-            let mut ps = tokio::time::timeout(limit, client.get_async_pubsub())
-                .await
-                .map_err(|_| format!("{url}: no answer within 2 s"))?
-                .map_err(|e| format!("{url}: {e}"))?;
-            ps.subscribe(&channel)
-                .await
-                .map_err(|e| format!("SUBSCRIBE: {e}"))?;
-            let node = f.node(i).clone();
-            subscribers.push(tokio::spawn(async move {
-                let mut stream = ps.into_on_message();
-                while let Some(msg) = stream.next().await {
-                    if let Ok(change) = serde_json::from_slice::<Change>(msg.get_payload_bytes()) {
-                        node.apply(&change).await;
-                    }
-                }
-            }));
-        }
-        Ok(RedisProbe {
-            publisher,
-            channel,
-            subscribers,
-        })
-    }
-
-    /// Publishes one change; `Err` (a reason) when Redis failed.
-    async fn one(
-        &mut self,
-        tenant: &str,
-        k: usize,
-        rx: &mut mpsc::UnboundedReceiver<Receipt>,
-        peers: &[usize],
-    ) -> Result<Option<Vec<Duration>>, String> {
-        let key = format!("rd{k}");
-        let change = Change::Opt {
-            tenant: tenant.to_string(),
-            template_id: key.clone(),
-        };
-        let t0 = Instant::now();
-        let json = serde_json::to_vec(&change).map_err(|e| e.to_string())?;
-        let published: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(json)
-            .query_async(&mut self.publisher)
-            .await;
-        published.map_err(|e| format!("PUBLISH: {e}"))?;
-        Ok(await_all(rx, &key, peers, t0).await)
-    }
-
-    fn stop(self) {
-        for t in self.subscribers {
-            t.abort();
-        }
-    }
 }
