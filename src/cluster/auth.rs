@@ -1,6 +1,9 @@
 //! The handshake and the session layer: who the peer is, whether it knows the cluster secret, and
 //! the MAC on every frame after that.
 //!
+//! Longer than 600 lines because the handshake states, the session sealer/opener and their tests
+//! (half the file) are one protocol, read together.
+//!
 //! # Handshake
 //! ```text
 //! client                                              server
