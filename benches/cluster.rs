@@ -1,17 +1,24 @@
 //! Micro-benchmarks of the invalidation hot paths outside the cache: what a peer message costs
-//! to build, frame, seal (MAC) and read back, and what a NOTIFY payload costs to parse.
+//! to build, frame, seal (encrypt) and read back, and what a NOTIFY payload costs to parse.
+//!
+//! The `session` group measures the Noise session (protocol 2) beside the HMAC-SHA256 session it
+//! replaced (protocol 1: a MAC and a sequence number per frame, no encryption), rebuilt here from
+//! its description so both run in one process on one machine.
 //!
 //! `cargo bench --bench cluster`
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use hmac::{Hmac, KeyInit, Mac};
 use openfhir_cache::cache::Change;
 use openfhir_cache::cluster::{
-    client_on_welcome, client_start, decode_frame, encode_frame, server_on_hello, server_on_proof,
-    ClusterSecret, Envelope, Identity, Invalidate, Message, Opener, Sealer, MAX_FRAME,
+    client_on_welcome, client_start, decode_frame, encode_frame, server_on_confirm,
+    server_on_hello, ClusterSecret, Envelope, Identity, Invalidate, Message, Opener, Sealer,
+    MAX_FRAME,
 };
 use openfhir_cache::invalidation::parse_payload;
+use sha2::Sha256;
 
 fn invalidation(seq: u64) -> Envelope {
     Envelope::new(
@@ -30,15 +37,16 @@ fn invalidation(seq: u64) -> Envelope {
 
 /// A session pair from the in-memory handshake: (client sealer, server opener).
 fn keyed(secret: Option<&ClusterSecret>) -> (Sealer, Opener) {
-    let (hello, cp) = client_start(&Identity::new("openfhir", "a", "10.0.0.1:7800"), secret);
+    let (hello, cp) =
+        client_start(&Identity::new("openfhir", "a", "10.0.0.1:7800"), secret).unwrap();
     let (welcome, sp) = server_on_hello(
         &Identity::new("openfhir", "b", "10.0.0.2:7800"),
         secret,
         &hello,
     )
     .unwrap();
-    let (proof, client) = client_on_welcome(cp, &welcome).unwrap();
-    let server = server_on_proof(sp, proof.as_ref()).unwrap();
+    let (confirm, client) = client_on_welcome(cp, &welcome).unwrap();
+    let server = server_on_confirm(sp, confirm.as_deref()).unwrap();
     let (_, sealer, _) = client.into_parts();
     let (_, _, opener) = server.into_parts();
     (sealer, opener)
@@ -66,17 +74,23 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let secret = ClusterSecret::new("bench-secret-0123456789abcdef").unwrap();
-    let mut g = c.benchmark_group("mac");
+    let mut g = c.benchmark_group("session");
     g.throughput(Throughput::Bytes(json.len() as u64));
-    g.bench_function("hmac_sha256", |b| {
-        b.iter(|| secret.mac(&[b"frame", black_box(&json)]))
+    let mut v1 = V1Session::new(b"bench-session-key");
+    g.bench_function("v1_hmac_seal", |b| b.iter(|| v1.seal(black_box(&json))));
+    let mut v1 = V1Session::new(b"bench-session-key");
+    g.bench_function("v1_hmac_seal_then_open", |b| {
+        b.iter(|| {
+            let f = v1.seal(black_box(&json));
+            v1.open(&f).len()
+        })
     });
     let (mut sealer, _) = keyed(Some(&secret));
-    g.bench_function("seal", |b| {
+    g.bench_function("v2_noise_seal", |b| {
         b.iter(|| sealer.seal(black_box(&json)).unwrap())
     });
     let (mut sealer, mut opener) = keyed(Some(&secret));
-    g.bench_function("seal_then_open", |b| {
+    g.bench_function("v2_noise_seal_then_open", |b| {
         b.iter(|| {
             let f = sealer.seal(black_box(&json)).unwrap();
             opener.open(&f).map(<[u8]>::len).unwrap()
@@ -89,6 +103,11 @@ fn bench(c: &mut Criterion) {
             opener.open(&f).map(<[u8]>::len).unwrap()
         })
     });
+    g.finish();
+
+    let mut g = c.benchmark_group("handshake");
+    g.bench_function("v2_noise_handshake", |b| b.iter(|| keyed(Some(&secret))));
+    g.bench_function("plain_handshake", |b| b.iter(|| keyed(None)));
     g.finish();
 
     // What a sender does per peer message and a receiver per frame, end to end (no socket).
@@ -112,6 +131,53 @@ fn bench(c: &mut Criterion) {
         b.iter(|| parse_payload(black_box(payload)).unwrap())
     });
     g.finish();
+}
+
+/// Protocol 1's session frames, as that release sealed them: `[HMAC-SHA256(key, direction || seq
+/// || json)][seq][json]`, checked on open (MAC first, then the sequence number).
+struct V1Session {
+    key: Vec<u8>,
+    sent: u64,
+    received: u64,
+}
+
+impl V1Session {
+    fn new(key: &[u8]) -> V1Session {
+        V1Session {
+            key: key.to_vec(),
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    fn mac(&self, seq: &[u8], json: &[u8]) -> Hmac<Sha256> {
+        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).unwrap();
+        m.update(b"C");
+        m.update(seq);
+        m.update(json);
+        m
+    }
+
+    fn seal(&mut self, json: &[u8]) -> Vec<u8> {
+        self.sent += 1;
+        let seq = self.sent.to_be_bytes();
+        let tag = self.mac(&seq, json).finalize().into_bytes();
+        let mut out = Vec::with_capacity(40 + json.len());
+        out.extend_from_slice(&tag);
+        out.extend_from_slice(&seq);
+        out.extend_from_slice(json);
+        out
+    }
+
+    fn open<'a>(&mut self, frame: &'a [u8]) -> &'a [u8] {
+        let (tag, rest) = frame.split_at(32);
+        let (seq, json) = rest.split_at(8);
+        self.mac(seq, json).verify_slice(tag).unwrap();
+        let seq = u64::from_be_bytes(seq.try_into().unwrap());
+        assert_eq!(seq, self.received + 1);
+        self.received = seq;
+        json
+    }
 }
 
 criterion_group!(benches, bench);

@@ -332,6 +332,12 @@ async fn other_versions_clusters_and_secrets_are_refused_and_listed() {
             "{reason} not listed"
         );
     }
+    // The two secret failures are counted as unauthenticated.
+    assert!(
+        a.node.cluster().counters().frames_unauthenticated >= 2,
+        "{:?}",
+        a.node.cluster().counters()
+    );
     // None of them became a peer.
     assert!(
         a.node.cluster().peers().is_empty(),
@@ -740,4 +746,241 @@ async fn a_cancelled_write_is_still_announced_to_the_peers() {
         "B was never told of the cancelled write"
     );
     lock.rollback().await.unwrap();
+}
+
+/// A packet capture on the loopback interface (an `AF_PACKET` socket, as tcpdump uses; needs
+/// root or `CAP_NET_RAW`, which CI has): every TCP segment with a payload, as the kernel sent it.
+mod capture {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    /// One TCP segment seen on `lo`.
+    pub struct Segment {
+        pub src: SocketAddrV4,
+        pub dst: SocketAddrV4,
+        pub payload: Vec<u8>,
+    }
+
+    pub struct Capture {
+        stop: Arc<AtomicBool>,
+        thread: JoinHandle<Vec<Segment>>,
+    }
+
+    /// Starts capturing; panics (failing the test loudly) when the socket cannot be opened.
+    pub fn start() -> Capture {
+        // SAFETY: plain socket calls on a descriptor this function owns; every result is checked.
+        let fd = unsafe {
+            let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto);
+            assert!(
+                fd >= 0,
+                "cannot open a packet capture socket (needs root or CAP_NET_RAW): {}",
+                std::io::Error::last_os_error()
+            );
+            let lo = libc::if_nametoindex(c"lo".as_ptr());
+            assert!(lo > 0, "no loopback interface");
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+            sll.sll_ifindex = lo as i32;
+            let r = libc::bind(
+                fd,
+                &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 50_000,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                &timeout as *const libc::timeval as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            let size: libc::c_int = 16 << 20;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                &size as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            fd
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; 1 << 17];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: `buf` is valid for its length; the result is checked.
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0 {
+                    out.extend(parse(&buf[..n as usize]));
+                }
+            }
+            // SAFETY: the descriptor is this thread's and closed once.
+            unsafe { libc::close(fd) };
+            out
+        });
+        Capture { stop, thread }
+    }
+
+    impl Capture {
+        /// Stops and returns what was captured.
+        pub fn stop(self) -> Vec<Segment> {
+            self.stop.store(true, Ordering::Relaxed);
+            self.thread.join().expect("capture thread")
+        }
+    }
+
+    /// A loopback frame: a 14-byte Ethernet header, IPv4, TCP.
+    fn parse(frame: &[u8]) -> Option<Segment> {
+        let ip = frame.get(14..)?;
+        if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 || *ip.get(9)? != 6 {
+            return None;
+        }
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+        let tcp = ip.get(ihl..total)?;
+        let doff = usize::from(tcp.get(12)? >> 4) * 4;
+        let payload = tcp.get(doff..)?.to_vec();
+        let addr = |a: &[u8], p: &[u8]| {
+            SocketAddrV4::new(
+                Ipv4Addr::new(a[0], a[1], a[2], a[3]),
+                u16::from_be_bytes([p[0], p[1]]),
+            )
+        };
+        (!payload.is_empty()).then(|| Segment {
+            src: addr(&ip[12..16], &tcp[0..2]),
+            dst: addr(&ip[16..20], &tcp[2..4]),
+            payload,
+        })
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Two nodes propagate a write while the loopback interface is captured: without a secret the
+/// template id is on the wire (which shows the capture sees the cluster traffic); with one, no
+/// segment of the cluster channel carries the template id, the tenant or a node id in clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_secret_no_invalidation_crosses_the_wire_in_clear() {
+    let db = TestDb::new().await;
+    for (secret, a_ip, b_ip) in [
+        (None, "127.0.74.1", "127.0.74.2"),
+        (
+            Some("wiretap-secret-0123456789"),
+            "127.0.74.3",
+            "127.0.74.4",
+        ),
+    ] {
+        let name = cluster_name();
+        let hosts = format!("{a_ip}[7800],{b_ip}[7800]");
+        let extra: Vec<(&str, &str)> = secret.map(|s| ("CLUSTER_SECRET", s)).into_iter().collect();
+        let a = start(&db.url, &node_env(&name, a_ip, &hosts, &extra)).await;
+        let b = start(&db.url, &node_env(&name, b_ip, &hosts, &extra)).await;
+        all_connected(&[&a, &b]).await;
+        let template = format!("wiretap_probe_{:x}", unique_tag());
+        let path = format!("/opt/{template}");
+        assert_eq!(
+            a.put_opt(&template, &opt_xml(&template, "before")).await,
+            200
+        );
+        assert!(b.get_text(&path).await.contains("before"));
+
+        let cap = capture::start();
+        assert_eq!(
+            a.put_opt(&template, &opt_xml(&template, "after")).await,
+            200
+        );
+        // NOTIFY and catch-up are off: only the peer channel can have told b.
+        assert!(reads_until(&b, &path, "after").await.is_some());
+        // A heartbeat or two more, so the capture surely holds the whole exchange.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let segments = cap.stop();
+
+        let ours = |a: &std::net::SocketAddrV4| {
+            let ip = a.ip().to_string();
+            ip == a_ip || ip == b_ip
+        };
+        let cluster: Vec<_> = segments
+            .iter()
+            .filter(|s| ours(&s.src) && ours(&s.dst))
+            .filter(|s| s.src.port() == 7800 || s.dst.port() == 7800)
+            .collect();
+        let bytes: usize = cluster.iter().map(|s| s.payload.len()).sum();
+        assert!(bytes > 0, "the capture saw no cluster traffic");
+        let clear = |needle: &str| {
+            cluster
+                .iter()
+                .any(|s| contains(&s.payload, needle.as_bytes()))
+        };
+        let a_id = a.node.id().to_string();
+        match secret {
+            None => {
+                assert!(
+                    clear(&template),
+                    "without a secret the template id is in clear"
+                );
+            }
+            Some(_) => {
+                for needle in [
+                    template.as_str(),
+                    "default",
+                    "invalidate",
+                    "heartbeat",
+                    &a_id,
+                ] {
+                    assert!(
+                        !clear(needle),
+                        "{needle:?} crossed the wire in clear ({bytes} bytes captured)"
+                    );
+                }
+                assert!(b.node.cluster().report().encrypted);
+            }
+        }
+        a.stop().await;
+        b.stop().await;
+    }
+}
+
+/// A peer whose node id could break `/metrics` or the logs (quotes, a newline, a forged series)
+/// is refused at the handshake, the refusal is listed, and the scrape stays well-formed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_with_a_hostile_node_id_is_refused() {
+    let db = TestDb::new().await;
+    let name = cluster_name();
+    let a = start(
+        &db.url,
+        &node_env(&name, "127.0.74.10", "127.0.74.10[7800]", &[]),
+    )
+    .await;
+    let a_addr = a.node.cluster().local_addr().unwrap();
+    let hostile = "evil\"} 1\nopenfhir_forged_series 1\n#";
+    let id = fake_identity(
+        &name,
+        env!("CARGO_PKG_VERSION"),
+        hostile,
+        "127.0.74.11:7800",
+    );
+    let mut s = dial(a_addr).await;
+    let e = cluster::connect(&mut s, &id, None)
+        .await
+        .expect_err("the node must refuse a hostile node id");
+    assert_eq!(e.reason(), Some(&RejectReason::Protocol), "{e}");
+    assert!(e.to_string().contains("node id"), "{e}");
+    assert!(wait_for(5, || rejected(&a, "protocol")).await);
+    assert!(a.node.cluster().peers().is_empty());
+    let metrics = a.get_text("/metrics").await;
+    assert!(!metrics.contains("openfhir_forged_series"), "{metrics}");
+    assert!(!metrics.contains("evil"), "{metrics}");
+    a.stop().await;
 }

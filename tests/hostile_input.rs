@@ -28,9 +28,9 @@ use openfhir_cache::cluster::discovery::multicast::{
     decode_announcement, encode_announcement, MulticastSettings, MAX_ANNOUNCEMENT,
 };
 use openfhir_cache::cluster::{
-    accept, client_on_welcome, client_start, decode_frame, read_frame, server_on_hello,
-    server_on_proof, ClusterSecret, Envelope, Hello, Identity, Message, Nonce, Proof, Tag, Welcome,
-    WireError, MAGIC, MAX_FRAME, PROTOCOL,
+    accept, check_node_id, client_on_welcome, client_start, decode_frame, read_frame,
+    server_on_confirm, server_on_hello, Card, ClusterSecret, Envelope, Hello, Identity, Message,
+    Sealed, Welcome, WireError, MAGIC, MAX_FRAME, PROTOCOL,
 };
 use openfhir_cache::config::{parse_initial_hosts, Config, HostPort, Ttl, VARS};
 use openfhir_cache::domain::fc_model::{
@@ -333,7 +333,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// A valid Hello envelope from node `a` (to mutate).
 fn hello_json() -> Vec<u8> {
-    let (hello, _) = client_start(&id("a"), None);
+    let (hello, _) = client_start(&id("a"), None).unwrap();
     Envelope::new("prod", Message::Hello(hello))
         .encode()
         .unwrap()
@@ -447,8 +447,9 @@ proptest! {
     }
 
     /// `server_on_hello` with arbitrary field values (NUL, huge, non-ASCII, wrong magic and
-    /// protocol): a Welcome only for a Hello this node should accept; then `server_on_proof` with
-    /// an arbitrary proof never accepts a keyed session.
+    /// protocol, hostile node ids): a Welcome only for a Hello this node should accept; with a
+    /// secret, random bytes in place of the Noise message never make a Welcome, and a plain
+    /// session never takes a confirmation.
     #[test]
     fn server_on_hello_with_arbitrary_fields(
         magic in prop_oneof![Just(MAGIC), any::<u32>()],
@@ -457,20 +458,24 @@ proptest! {
         node_id in prop_oneof![Just("b".to_string()), "\\PC{0,12}", Just(String::new()), Just("x".repeat(100_000))],
         version in prop_oneof![Just(env!("CARGO_PKG_VERSION").to_string()), "\\PC{0,12}"],
         advertised_addr in "\\PC{0,40}",
-        nonce in any::<[u8; 32]>(),
-        proof in any::<[u8; 32]>(),
+        noise in proptest::collection::vec(any::<u8>(), 0..200),
+        confirm in proptest::collection::vec(any::<u8>(), 1..100),
         keyed in any::<bool>(),
     ) {
-        let hello = Hello { magic, protocol, cluster: cluster.clone(), node_id: node_id.clone(), version: version.clone(), advertised_addr, nonce: Nonce(nonce) };
+        let hello = Hello {
+            magic, protocol, cluster: cluster.clone(), version: version.clone(),
+            card: (!keyed).then(|| Card { node_id: node_id.clone(), advertised_addr }),
+            noise: keyed.then_some(Sealed(noise)),
+        };
         let secret = keyed.then(|| ClusterSecret::new("s3cret-s3cret-s3cret").unwrap());
-        let valid = magic == MAGIC && protocol == PROTOCOL && cluster == "prod"
-            && version == env!("CARGO_PKG_VERSION") && !node_id.is_empty() && node_id != "b";
+        let valid = !keyed && magic == MAGIC && protocol == PROTOCOL && cluster == "prod"
+            && version == env!("CARGO_PKG_VERSION") && check_node_id(&node_id).is_ok() && node_id != "b";
         match server_on_hello(&id("b"), secret.as_ref(), &hello) {
             Ok((welcome, pending)) => {
                 prop_assert!(valid);
-                prop_assert_eq!(welcome.proof.is_some(), keyed);
-                let res = server_on_proof(pending, Some(&Proof { proof: Tag(proof) }));
-                prop_assert!(res.is_err(), "a random proof was accepted");
+                prop_assert!(welcome.noise.is_none());
+                let res = server_on_confirm(pending, Some(&confirm));
+                prop_assert!(res.is_err(), "a plain session took a confirmation");
             }
             Err(reject) => {
                 prop_assert!(!valid, "{reject:?}");
@@ -481,21 +486,22 @@ proptest! {
     }
 
     /// The client's side, fed an arbitrary Welcome: never a panic; with a secret, a Welcome
-    /// without the right proof is refused.
+    /// without a Noise message made with the secret is refused.
     #[test]
     fn client_on_welcome_with_arbitrary_fields(
         magic in prop_oneof![Just(MAGIC), any::<u32>()],
         cluster in prop_oneof![Just("prod".to_string()), "\\PC{0,8}"],
         node_id in prop_oneof![Just("b".to_string()), Just("a".to_string()), "\\PC{0,8}"],
-        nonce in any::<[u8; 32]>(),
-        proof in proptest::option::of(any::<[u8; 32]>()),
+        noise in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..200)),
+        with_card in any::<bool>(),
         keyed in any::<bool>(),
     ) {
         let secret = keyed.then(|| ClusterSecret::new("s3cret-s3cret-s3cret").unwrap());
-        let (_, pending) = client_start(&id("a"), secret.as_ref());
+        let (_, pending) = client_start(&id("a"), secret.as_ref()).unwrap();
         let welcome = Welcome {
-            magic, protocol: PROTOCOL, cluster, node_id, version: env!("CARGO_PKG_VERSION").into(),
-            advertised_addr: "b:7800".into(), nonce: Nonce(nonce), proof: proof.map(Tag),
+            magic, protocol: PROTOCOL, cluster, version: env!("CARGO_PKG_VERSION").into(),
+            card: with_card.then(|| Card { node_id: node_id.clone(), advertised_addr: "b:7800".into() }),
+            noise: noise.map(Sealed),
         };
         let res = client_on_welcome(pending, &welcome);
         if keyed {
@@ -561,12 +567,12 @@ fn nested_and_huge_envelopes_are_typed_errors() {
         Err(WireError::Malformed(_))
     ));
     for huge in [
-        r#"{"magic":1e400,"protocol":1,"cluster":"prod"}"#,
-        r#"{"magic":4294967296,"protocol":1,"cluster":"prod"}"#,
+        r#"{"magic":1e400,"protocol":2,"cluster":"prod"}"#,
+        r#"{"magic":4294967296,"protocol":2,"cluster":"prod"}"#,
         r#"{"magic":1330004785,"protocol":65536,"cluster":"prod"}"#,
         r#"{"magic":1330004785,"protocol":-1,"cluster":"prod"}"#,
-        r#"{"magic":1330004785,"protocol":1,"cluster":"prod","body":{"type":"heartbeat","origin":"a","seq":18446744073709551616,"at_unix_ms":0}}"#,
-        r#"{"magic":1330004785,"protocol":1,"cluster":"\u0000","body":{"type":"leave","origin":"\ud800"}}"#,
+        r#"{"magic":1330004785,"protocol":2,"cluster":"prod","body":{"type":"heartbeat","origin":"a","seq":18446744073709551616,"at_unix_ms":0}}"#,
+        r#"{"magic":1330004785,"protocol":2,"cluster":"\u0000","body":{"type":"leave","origin":"\ud800"}}"#,
     ] {
         assert!(
             matches!(

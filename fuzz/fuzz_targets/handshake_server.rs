@@ -1,14 +1,14 @@
 //! The server side of the handshake fed arbitrary client bytes: `accept` over an in-memory
 //! stream (the input is everything the client sends, then EOF), with and without a cluster
-//! secret; and `server_on_hello` / `server_on_proof` on whatever Hello the input decodes to.
+//! secret; and `server_on_hello` / `server_on_confirm` on whatever Hello the input decodes to.
 //! Nothing may come up with a secret (the input cannot know it), and the server may answer only
 //! with a Welcome or a Reject.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use openfhir_cache::cluster::{
-    accept, decode_frame, server_on_hello, server_on_proof, ClusterSecret, Envelope, Identity,
-    Message, Proof, Tag, MAX_FRAME,
+    accept, decode_frame, server_on_confirm, server_on_hello, ClusterSecret, Envelope, Identity,
+    Message, MAX_FRAME,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,12 +32,11 @@ fuzz_target!(|data: &[u8]| {
     }) = Envelope::decode(payload, "prod")
     {
         if let Ok((welcome, pending)) = server_on_hello(&me, secret.as_ref(), &hello) {
-            assert_eq!(welcome.proof.is_some(), keyed);
-            let proof = Proof {
-                proof: Tag([flags; 32]),
-            };
-            let res = server_on_proof(pending, Some(&proof));
-            assert!(res.is_err(), "a made-up proof was accepted");
+            // The input cannot make a Noise message under the secret.
+            assert!(!keyed, "a Welcome without the secret");
+            assert!(welcome.noise.is_none());
+            let res = server_on_confirm(pending, Some(&[flags; 40]));
+            assert!(res.is_err(), "a plain session took a made-up confirmation");
         }
     }
 

@@ -1,4 +1,4 @@
-//! `Opener::open` with a session key, driven by a little program in the input. Each step is an
+//! `Opener::open` with session keys, driven by a little program in the input. Each step is an
 //! opcode byte, a length byte and that many bytes:
 //!
 //! * 0: open the bytes as a frame (forged: must be refused);
@@ -13,21 +13,22 @@
 
 use libfuzzer_sys::fuzz_target;
 use openfhir_cache::cluster::{
-    client_on_welcome, client_start, server_on_hello, server_on_proof, ClusterSecret, Envelope,
+    client_on_welcome, client_start, server_on_confirm, server_on_hello, ClusterSecret, Envelope,
     Identity, Session,
 };
 
 fn keyed_pair() -> (Session, Session) {
     let secret = ClusterSecret::new("fuzz-secret-fuzz-secret");
-    let (hello, cp) = client_start(&Identity::new("prod", "a", "a:7800"), secret.as_ref());
+    let (hello, cp) =
+        client_start(&Identity::new("prod", "a", "a:7800"), secret.as_ref()).unwrap();
     let (welcome, sp) = server_on_hello(
         &Identity::new("prod", "b", "b:7800"),
         secret.as_ref(),
         &hello,
     )
     .unwrap();
-    let (proof, client) = client_on_welcome(cp, &welcome).unwrap();
-    let server = server_on_proof(sp, proof.as_ref()).unwrap();
+    let (confirm, client) = client_on_welcome(cp, &welcome).unwrap();
+    let server = server_on_confirm(sp, confirm.as_deref()).unwrap();
     (client, server)
 }
 
@@ -40,11 +41,11 @@ fuzz_target!(|data: &[u8]| {
         let n = (*len as usize).min(tail.len());
         let (bytes, r) = tail.split_at(n);
         rest = r;
-        let accepted_before = server.opener.last_seq();
+        let accepted_before = server.opener.opened();
         match op % 5 {
             0 => {
                 assert!(server.opener.open(bytes).is_err(), "a forged frame opened");
-                assert_eq!(server.opener.last_seq(), accepted_before);
+                assert_eq!(server.opener.opened(), accepted_before);
             }
             1 | 3 => {
                 let Ok(frame) = client.sealer.seal(bytes) else {

@@ -65,6 +65,9 @@ pub struct NodeSpec {
     pub pool: usize,
 }
 
+/// The `CLUSTER_SECRET` of every benchmark fleet.
+pub const BENCH_CLUSTER_SECRET: &str = "openfhir-cache-bench-cluster-secret";
+
 impl NodeSpec {
     /// A cached node with only the peer channel (no NOTIFY, no periodic catch-up).
     pub fn peer_only() -> NodeSpec {
@@ -315,6 +318,8 @@ impl Harness {
             ("CLUSTER_NAME", name),
             // 200 ms heartbeats: peers are alive (and the mesh detected) quickly.
             ("CLUSTER_HEARTBEAT_MS", "200".into()),
+            // As in production: the peer channel is encrypted (Noise), so its cost is measured.
+            ("CLUSTER_SECRET", BENCH_CLUSTER_SECRET.into()),
         ]
     }
 

@@ -299,6 +299,7 @@ impl Cluster {
             bind_addr: s.config.bind_addr.to_string(),
             listen_addr: self.local_addr(),
             authenticated: s.secret.is_some(),
+            encrypted: s.secret.is_some(),
             heartbeat_ms: s.config.heartbeat_ms,
             seq: self.seq(),
             discovered: s.discovered.borrow().iter().copied().collect(),
@@ -324,8 +325,10 @@ pub struct ClusterReport {
     pub bind_addr: String,
     /// Where the cluster channel listens (`None` before start).
     pub listen_addr: Option<SocketAddr>,
-    /// A `CLUSTER_SECRET` is set: peers prove it and frames carry a MAC.
+    /// A `CLUSTER_SECRET` is set: peers must hold it to join (Noise handshake).
     pub authenticated: bool,
+    /// Frames are encrypted (with a `CLUSTER_SECRET`, always).
+    pub encrypted: bool,
     /// `CLUSTER_HEARTBEAT_MS`.
     pub heartbeat_ms: u64,
     /// Invalidations this node has originated (its last sequence number).

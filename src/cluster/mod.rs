@@ -23,11 +23,12 @@
 //!   [`Message`], carrying the magic number [`MAGIC`] (`"OFC1"`), the protocol version
 //!   [`PROTOCOL`] and the cluster name. Decoders are total: any bytes give a message or a
 //!   [`WireError`].
-//! * [`auth`]: the handshake ([`Hello`], [`Welcome`], [`Proof`] or [`Reject`]) as a state
-//!   machine without IO plus drivers over any async stream ([`connect`], [`accept`]). Peers must
-//!   agree on the cluster name and the release. With a `CLUSTER_SECRET` both sides prove it
-//!   (HMAC-SHA256 challenge-response) and every later frame carries a MAC and a sequence number
-//!   ([`Sealer`], [`Opener`]), so frames cannot be forged, replayed, reordered or reflected.
+//! * [`session`]: the handshake ([`Hello`], [`Welcome`], [`Confirm`] or [`Reject`]) as steps
+//!   without IO plus drivers over any async stream ([`connect`], [`accept`]). Peers must agree on
+//!   the cluster name and the release, and node ids must be valid ([`check_node_id`]). With a
+//!   `CLUSTER_SECRET` ([`secret`]) the handshake is Noise `NNpsk0` and every later frame is
+//!   encrypted and authenticated ([`Sealer`], [`Opener`]), so frames cannot be read, forged,
+//!   replayed, reordered or reflected, and a leaked secret does not decrypt recorded sessions.
 //!
 //! # Why two connections per pair
 //! A node sends only on connections it dialed and receives only on connections it accepted.
@@ -35,11 +36,12 @@
 //! broadcaster's direct writes and its writer task's), and a peer that connected to us is dialed
 //! back at its source IP and advertised port, so discovery that works in one direction is enough.
 
-pub mod auth;
 pub mod broadcast;
 pub mod discovery;
 pub mod membership;
 mod pipe;
+pub mod secret;
+pub mod session;
 mod transport;
 pub mod wire;
 
@@ -47,14 +49,15 @@ pub use broadcast::{Cluster, ClusterReport, CountersReport};
 pub use membership::{PeerReport, PeerState, Rejected};
 pub use transport::start;
 
-pub use auth::{
-    accept, client_on_welcome, client_start, connect, server_on_hello, server_on_proof,
-    ClientPending, ClusterSecret, Direction, HandshakeError, Identity, Opener, Peer, Sealer,
-    ServerPending, Session, SEAL_OVERHEAD,
+pub use secret::ClusterSecret;
+pub use session::{
+    accept, check_node_id, client_on_welcome, client_start, connect, server_on_confirm,
+    server_on_hello, ClientPending, HandshakeError, Identity, Opener, Peer, Sealer, ServerPending,
+    Session, NOISE_PARAMS, SEAL_OVERHEAD,
 };
 pub use wire::{
-    decode_frame, decode_frame_header, encode_frame, read_frame, write_frame, Envelope,
-    EnvelopeHeader, Heartbeat, Hello, Invalidate, Leave, Message, Nonce, Proof, Reject,
-    RejectReason, Tag, Welcome, WireError, FRAME_HEADER_LEN, MAGIC, MAX_FRAME, NONCE_LEN, PROTOCOL,
+    decode_frame, decode_frame_header, encode_frame, read_frame, write_frame, Card, Confirm,
+    Envelope, EnvelopeHeader, Heartbeat, Hello, Invalidate, Leave, Message, Reject, RejectReason,
+    Sealed, Tag, Welcome, WireError, FRAME_HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL, SEALED_MAX,
     TAG_LEN,
 };

@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use super::auth::Sealer;
+use super::session::Sealer;
 use super::wire::WireError;
 
 /// What a peer's writer task sends from its queue.
@@ -249,7 +249,7 @@ impl Pipe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::auth::Direction;
+
     use crate::cluster::wire::FrameReader;
     use crate::cluster::MAX_FRAME;
     use tokio::net::{TcpListener, TcpStream};
@@ -260,12 +260,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (dialed, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let (read_half, write_half) = dialed.unwrap().into_split();
-        let pipe = Pipe::new(
-            write_half,
-            Sealer::plain(Direction::ClientToServer),
-            capacity,
-            0,
-        );
+        let pipe = Pipe::new(write_half, Sealer::plain(), capacity, 0);
         (pipe, read_half, accepted.unwrap().0)
     }
 

@@ -36,7 +36,7 @@ pub const VARS: &[Var] = &[
     Var { env: "CLUSTER_NAME", key: "cluster.name", default: "openfhir",
           doc: "Cluster name: nodes join only peers with the same name (letters, digits, . _ -; at most 64)." },
     Var { env: "CLUSTER_SECRET", key: "cluster.secret", default: "",
-          doc: "Shared secret (at least 16 characters): peers must prove it to join, and every frame carries an HMAC-SHA256. Unset = unauthenticated channel." },
+          doc: "Shared secret (at least 16 characters): peers must hold it to join (Noise handshake with it as pre-shared key), and every frame is encrypted and authenticated with per-session keys. Unset = unauthenticated, unencrypted channel." },
     Var { env: "CLUSTER_MULTICAST_ADDR", key: "cluster.multicast_addr", default: "239.255.78.0:45588",
           doc: "MULTICAST mode: IPv4 multicast group and UDP port of the announcements." },
     Var { env: "CLUSTER_DNS_INTERVAL", key: "cluster.dns_interval", default: "10",

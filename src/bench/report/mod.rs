@@ -145,8 +145,9 @@ impl Report {
                 duration_secs: 0.0,
                 sizes: h.sizes.clone(),
                 setup: "every node in the harness process (one tokio runtime, one worker per \
-                        CPU), each on its own loopback address; HTTP clients in the same process; \
-                        PostgreSQL on the same machine"
+                        CPU), each on its own loopback address, peer channel encrypted (a \
+                        CLUSTER_SECRET is set, as in production); HTTP clients in the same \
+                        process; PostgreSQL on the same machine"
                     .into(),
                 loadavg_start: loadavg(),
                 loadavg_end: None,

@@ -10,9 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::{identity, record_refusal, Ctx, HANDSHAKE_TIMEOUT};
-use crate::cluster::auth::{self, Opener, Peer};
 use crate::cluster::broadcast::Shared;
 use crate::cluster::membership::SeqCheck;
+use crate::cluster::session::{self, Opener, Peer};
 use crate::cluster::wire::{Envelope, FrameReader, Message, RejectReason, WireError, MAX_FRAME};
 
 /// Handshakes running at once; more connections are closed at once, so a flood of connection
@@ -158,7 +158,7 @@ async fn inbound(mut stream: TcpStream, from: SocketAddr, permit: HandshakeSlot,
     let id = identity(&s);
     let hs = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        auth::accept(&mut stream, &id, s.secret.as_ref()),
+        session::accept(&mut stream, &id, s.secret.as_ref()),
     )
     .await;
     drop(permit);

@@ -17,9 +17,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::auth::{HandshakeError, Identity};
 use super::broadcast::{Cluster, Shared};
 use super::discovery;
+use super::session::{HandshakeError, Identity};
 use super::wire::RejectReason;
 use crate::config::Discovery;
 use crate::error::{Error, Result};
@@ -51,8 +51,8 @@ pub async fn start(cluster: Cluster, inv: Arc<Invalidation>) -> Result<Vec<JoinH
     let _ = s.local_addr.set(local);
     if s.secret.is_none() {
         tracing::warn!(
-            "CLUSTER_SECRET is not set: the cluster channel is unauthenticated; anyone who can \
-             reach port {} can join and evict caches",
+            "CLUSTER_SECRET is not set: the cluster channel is unauthenticated and unencrypted; \
+             anyone who can reach port {} can join, read invalidations and evict caches",
             local.port()
         );
     }

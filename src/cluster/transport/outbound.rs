@@ -9,10 +9,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{identity, record_refusal, Ctx, HANDSHAKE_TIMEOUT};
-use crate::cluster::auth;
 use crate::cluster::broadcast::{Link, Shared};
 use crate::cluster::discovery::Addrs;
 use crate::cluster::pipe::{Job, Pipe};
+use crate::cluster::session;
 use crate::cluster::wire::{Envelope, Heartbeat, Leave, Message, RejectReason, WireError};
 
 /// Limit on the TCP connect to a peer.
@@ -150,7 +150,7 @@ async fn connect_once(s: &Arc<Shared>, addr: SocketAddr, cancel: &CancellationTo
     let id = identity(s);
     let session = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        auth::connect(&mut stream, &id, s.secret.as_ref()),
+        session::connect(&mut stream, &id, s.secret.as_ref()),
     )
     .await
     {

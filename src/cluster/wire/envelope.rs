@@ -104,7 +104,7 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::super::{
-        Heartbeat, Hello, Invalidate, Leave, Nonce, Proof, Reject, RejectReason, Tag, Welcome,
+        Card, Confirm, Heartbeat, Hello, Invalidate, Leave, Reject, RejectReason, Sealed, Welcome,
     };
     use super::*;
     use crate::cache::Change;
@@ -114,10 +114,9 @@ mod tests {
             magic: MAGIC,
             protocol: PROTOCOL,
             cluster: "prod".into(),
-            node_id: "n1".into(),
             version: "0.1.0".into(),
-            advertised_addr: "10.0.0.1:7800".into(),
-            nonce: Nonce([7; 32]),
+            card: None,
+            noise: Some(Sealed(vec![7; 48])),
         }
     }
 
@@ -141,11 +140,12 @@ mod tests {
                 magic: MAGIC,
                 protocol: PROTOCOL,
                 cluster: "prod".into(),
-                node_id: "n2".into(),
                 version: "0.1.0".into(),
-                advertised_addr: "[::1]:7800".into(),
-                nonce: Nonce([1; 32]),
-                proof: Some(Tag([2; 32])),
+                card: Some(Card {
+                    node_id: "n2".into(),
+                    advertised_addr: "[::1]:7800".into(),
+                }),
+                noise: None,
             }),
             Message::Reject(Reject {
                 reason: RejectReason::Version {
@@ -154,9 +154,7 @@ mod tests {
                 },
                 message: "no".into(),
             }),
-            Message::Proof(Proof {
-                proof: Tag([3; 32]),
-            }),
+            Message::Confirm(Confirm {}),
             invalidate(),
             Message::Heartbeat(Heartbeat {
                 origin: "n1".into(),
@@ -175,7 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn json_shape_is_tagged_snake_case_with_hex_nonce() {
+    fn json_shape_is_tagged_snake_case_with_hex_noise() {
         let v: serde_json::Value = serde_json::from_slice(
             &Envelope::new("prod", Message::Hello(hello()))
                 .encode()
@@ -183,9 +181,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["magic"], 0x4F46_4331);
-        assert_eq!(v["protocol"], 1);
+        assert_eq!(v["protocol"], 2);
         assert_eq!(v["body"]["type"], "hello");
-        assert_eq!(v["body"]["nonce"], "07".repeat(32));
+        assert_eq!(v["body"]["noise"], "07".repeat(48));
         let v = serde_json::to_value(invalidate()).unwrap();
         assert_eq!(v["type"], "invalidate");
         assert_eq!(v["change"]["kind"], "opt");
@@ -237,14 +235,14 @@ mod tests {
         v["body"]["extra"] = 1.into();
         let unknown_field = serde_json::to_vec(&v).unwrap();
         let mut v = serde_json::to_value(Envelope::new("prod", Message::Hello(hello()))).unwrap();
-        v["body"]["nonce"] = "abc".into();
+        v["body"]["noise"] = "abc".into();
         let short_nonce = serde_json::to_vec(&v).unwrap();
         for bad in [
             &b"not json"[..],
             b"{}",
             b"[1,2,3]",
-            br#"{"magic":1330004785,"protocol":1,"cluster":"prod"}"#,
-            br#"{"magic":1330004785,"protocol":1,"cluster":"prod","body":{"type":"nope"}}"#,
+            br#"{"magic":1330004785,"protocol":2,"cluster":"prod"}"#,
+            br#"{"magic":1330004785,"protocol":2,"cluster":"prod","body":{"type":"nope"}}"#,
             &unknown_field,
             &short_nonce,
         ] {

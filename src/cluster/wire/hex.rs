@@ -1,29 +1,13 @@
-//! The fixed-size byte strings of the handshake, [`Nonce`] and [`Tag`], written as hex.
+//! The byte strings of the handshake and the announcements, [`Tag`] and [`Sealed`], written as
+//! hex.
 
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{WireError, NONCE_LEN, TAG_LEN};
+use super::{WireError, SEALED_MAX, TAG_LEN};
 
-/// A 32-byte handshake nonce, written as 64 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Nonce(pub [u8; NONCE_LEN]);
-
-impl Nonce {
-    /// A fresh nonce from the operating system's random source.
-    ///
-    /// # Panics
-    /// Only if the operating system provides no randomness at all; no handshake can be secure
-    /// without it.
-    pub fn random() -> Nonce {
-        let mut bytes = [0u8; NONCE_LEN];
-        getrandom::fill(&mut bytes).expect("the operating system's random source failed");
-        Nonce(bytes)
-    }
-}
-
-/// An HMAC-SHA256 tag (a handshake proof), written as 64 lowercase hex digits.
+/// An HMAC-SHA256 tag (a multicast announcement's MAC), written as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tag(pub [u8; TAG_LEN]);
 
@@ -64,8 +48,58 @@ macro_rules! hex_newtype {
         }
     };
 }
-hex_newtype!(Nonce, NONCE_LEN, "a nonce");
-hex_newtype!(Tag, TAG_LEN, "a proof");
+hex_newtype!(Tag, TAG_LEN, "a MAC");
+
+/// A Noise handshake message, written as lowercase hex; at most [`SEALED_MAX`] bytes.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Sealed(pub Vec<u8>);
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sealed({} bytes)", self.0.len())
+    }
+}
+
+impl std::str::FromStr for Sealed {
+    type Err = WireError;
+    fn from_str(s: &str) -> Result<Self, WireError> {
+        if s.len() > 2 * SEALED_MAX {
+            return Err(WireError::TooLarge {
+                len: s.len() / 2,
+                max: SEALED_MAX,
+            });
+        }
+        if !s.len().is_multiple_of(2) {
+            return Err(WireError::Malformed(
+                "a Noise message must be an even number of hex digits".into(),
+            ));
+        }
+        s.as_bytes()
+            .chunks_exact(2)
+            .map(|pair| Some((digit(pair[0])? << 4) | digit(pair[1])?))
+            .collect::<Option<Vec<u8>>>()
+            .map(Sealed)
+            .ok_or_else(|| {
+                WireError::Malformed(format!(
+                    "a Noise message must be hex digits, got {:?}",
+                    truncate(s, 80)
+                ))
+            })
+    }
+}
+
+impl Serialize for Sealed {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&to_hex(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Sealed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -77,15 +111,16 @@ fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    fn digit(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
+fn digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
     }
+}
+
+fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.as_bytes();
     if s.len() != 2 * N {
         return None;
@@ -110,7 +145,16 @@ mod tests {
 
     #[test]
     fn hex_accepts_either_case_and_rejects_the_rest() {
-        assert_eq!("AB".repeat(32).parse::<Nonce>().unwrap(), Nonce([0xab; 32]));
+        assert_eq!("AB".repeat(32).parse::<Tag>().unwrap(), Tag([0xab; 32]));
+        assert_eq!("00fF".parse::<Sealed>().unwrap(), Sealed(vec![0, 0xff]));
+        for bad in ["0", "zz", "é"] {
+            assert!(bad.parse::<Sealed>().is_err(), "{bad}");
+        }
+        let long = "00".repeat(SEALED_MAX + 1);
+        assert!(matches!(
+            long.parse::<Sealed>(),
+            Err(WireError::TooLarge { .. })
+        ));
         for bad in ["", "zz", &"a".repeat(63), &"a".repeat(66), &"é".repeat(32)] {
             assert!(bad.parse::<Tag>().is_err(), "{bad}");
         }

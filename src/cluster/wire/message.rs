@@ -2,10 +2,22 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Nonce, Tag};
+use super::Sealed;
 use crate::cache::Change;
 
-/// The client's first message: who it is, and its nonce.
+/// Who a node is, as it tells its peers in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Card {
+    /// The node's id (checked with [`check_node_id`](crate::cluster::check_node_id)).
+    pub node_id: String,
+    /// The `host:port` where the node's own cluster channel listens.
+    pub advertised_addr: String,
+}
+
+/// The client's first message. The fields every peer must agree on travel in clear, so a
+/// mismatch is refused with its reason even between nodes with different secrets; who the client
+/// is travels in clear only without a cluster secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
@@ -15,18 +27,18 @@ pub struct Hello {
     pub protocol: u16,
     /// The client's cluster name.
     pub cluster: String,
-    /// The client's node id.
-    pub node_id: String,
     /// The client's release (`CARGO_PKG_VERSION`); must equal the server's.
     pub version: String,
-    /// The `host:port` where the client's own cluster channel listens.
-    pub advertised_addr: String,
-    /// The client's handshake nonce.
-    pub nonce: Nonce,
+    /// The client's card, without a cluster secret.
+    #[serde(default)]
+    pub card: Option<Card>,
+    /// With a cluster secret: Noise handshake message 1 (`-> psk, e`), its payload the client's
+    /// card (JSON).
+    #[serde(default)]
+    pub noise: Option<Sealed>,
 }
 
-/// The server's answer to an acceptable [`Hello`]: who it is, its nonce and, with a cluster
-/// secret, its proof of the secret.
+/// The server's answer to an acceptable [`Hello`], shaped like it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Welcome {
@@ -36,17 +48,23 @@ pub struct Welcome {
     pub protocol: u16,
     /// The server's cluster name.
     pub cluster: String,
-    /// The server's node id.
-    pub node_id: String,
     /// The server's release.
     pub version: String,
-    /// The `host:port` where the server's cluster channel listens.
-    pub advertised_addr: String,
-    /// The server's handshake nonce.
-    pub nonce: Nonce,
-    /// `HMAC(secret, "server" || nonce_c || nonce_s || server node_id)`; `None` without a secret.
-    pub proof: Option<Tag>,
+    /// The server's card, without a cluster secret.
+    #[serde(default)]
+    pub card: Option<Card>,
+    /// With a cluster secret: Noise handshake message 2 (`<- e, ee`), its payload the server's
+    /// card.
+    #[serde(default)]
+    pub noise: Option<Sealed>,
 }
+
+/// With a cluster secret, the client's first sealed frame: proof that it holds the session keys
+/// (and not merely a recording of another client's [`Hello`]). The server counts the client as
+/// joined only after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Confirm {}
 
 /// Why a peer was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,9 +85,10 @@ pub enum RejectReason {
         /// The refused node's release.
         theirs: String,
     },
-    /// The cluster secret check failed: a wrong proof, or a secret on one side only.
+    /// The cluster secret check failed: another secret, or a secret on one side only.
     Auth,
-    /// The peer broke the protocol: bad magic, another protocol version, an unexpected message.
+    /// The peer broke the protocol: bad magic, another protocol version, an unexpected message,
+    /// an invalid node id.
     Protocol,
     /// The peer has this node's own node id: a node connected to itself, or two nodes share an id.
     SameNodeId {
@@ -87,14 +106,6 @@ pub struct Reject {
     pub reason: RejectReason,
     /// A sentence for the logs of both nodes.
     pub message: String,
-}
-
-/// The client's proof of the cluster secret, sent after a [`Welcome`] that carried one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Proof {
-    /// `HMAC(secret, "client" || nonce_s || nonce_c || client node_id)`.
-    pub proof: Tag,
 }
 
 /// A change committed through the origin node: evict what it names.
@@ -143,8 +154,8 @@ pub enum Message {
     Welcome(Welcome),
     /// Handshake refusal, either way.
     Reject(Reject),
-    /// Handshake, client to server, with a cluster secret only.
-    Proof(Proof),
+    /// Handshake, client to server, sealed, with a cluster secret only.
+    Confirm(Confirm),
     /// A change to apply.
     Invalidate(Invalidate),
     /// Liveness.
@@ -160,7 +171,7 @@ impl Message {
             Message::Hello(_) => "hello",
             Message::Welcome(_) => "welcome",
             Message::Reject(_) => "reject",
-            Message::Proof(_) => "proof",
+            Message::Confirm(_) => "confirm",
             Message::Invalidate(_) => "invalidate",
             Message::Heartbeat(_) => "heartbeat",
             Message::Leave(_) => "leave",

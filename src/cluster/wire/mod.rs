@@ -6,7 +6,7 @@
 //! and a zero length is refused: a header claiming 4 GiB costs the reader four bytes, not 4 GiB.
 //!
 //! # Envelopes
-//! Every payload is (after the session layer of [`super::auth`] has removed its MAC) one JSON
+//! Every payload is (after the session layer of [`super::session`] has opened it) one JSON
 //! [`Envelope`]: the magic number [`MAGIC`], the protocol version [`PROTOCOL`], the cluster name and
 //! the [`Message`]. [`Envelope::decode`] checks them in that order and says which one failed, so a
 //! node that reached a foreign service, an older release or the wrong cluster logs exactly that.
@@ -18,7 +18,7 @@
 //!
 //! # Layout
 //! * `frame`: frames, their size limit, and reading and writing them.
-//! * `hex`: the [`Nonce`] and [`Tag`] byte strings and their hex form.
+//! * `hex`: the [`Tag`] and [`Sealed`] byte strings and their hex form.
 //! * `message`: the [`Message`] variants.
 //! * `envelope`: the [`Envelope`] around every message, and its checks.
 //! * this module: the constants and [`WireError`].
@@ -32,28 +32,30 @@ pub use envelope::{Envelope, EnvelopeHeader};
 pub use frame::{
     decode_frame, decode_frame_header, encode_frame, read_frame, write_frame, FrameReader,
 };
-pub use hex::{Nonce, Tag};
+pub use hex::{Sealed, Tag};
 pub use message::{
-    Heartbeat, Hello, Invalidate, Leave, Message, Proof, Reject, RejectReason, Welcome,
+    Card, Confirm, Heartbeat, Hello, Invalidate, Leave, Message, Reject, RejectReason, Welcome,
 };
 
 /// Magic number on every envelope: `"OFC1"` in ASCII (`0x4F464331`).
 pub const MAGIC: u32 = 0x4F46_4331;
 
 /// Protocol version on every envelope. A node refuses envelopes of any other version.
-pub const PROTOCOL: u16 = 1;
+/// Version 2: the Noise handshake and encrypted frames with a cluster secret.
+pub const PROTOCOL: u16 = 2;
 
-/// Largest frame payload, in bytes (64 KiB), MAC included.
+/// Largest frame payload, in bytes (64 KiB), the session layer's tag included.
 pub const MAX_FRAME: usize = 64 * 1024;
 
 /// Size of a frame header: the `u32` big-endian payload length.
 pub const FRAME_HEADER_LEN: usize = 4;
 
-/// Length in bytes of a handshake nonce.
-pub const NONCE_LEN: usize = 32;
-
-/// Length in bytes of an HMAC-SHA256 tag (proofs and frame MACs).
+/// Length in bytes of an HMAC-SHA256 tag (multicast announcements).
 pub const TAG_LEN: usize = 32;
+
+/// Largest Noise handshake message in a [`Hello`] or [`Welcome`], in bytes: an ephemeral key,
+/// a tag and a card, with room to spare.
+pub const SEALED_MAX: usize = 1024;
 
 /// Why bytes from a peer could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +72,7 @@ pub enum WireError {
     /// A frame or message of zero bytes.
     #[error("empty frame")]
     Empty,
-    /// The input ended inside a frame header, a frame, or a sealed frame's MAC and sequence number.
+    /// The input ended inside a frame header, a frame, or a sealed frame's tag.
     #[error("truncated frame")]
     Truncated,
     /// The peer closed the stream cleanly between two frames.
@@ -101,27 +103,13 @@ pub enum WireError {
     /// The payload is not a valid envelope (bad JSON, unknown message type, unknown field, bad hex).
     #[error("malformed message: {0}")]
     Malformed(String),
-    /// A sealed frame's MAC does not match: tampered, reflected, or sealed with another key.
-    #[error("frame authentication failed (bad MAC)")]
+    /// A sealed frame did not open: forged, tampered with, replayed, reordered, reflected, or
+    /// sealed in another session. (The Noise nonce is the frame's position, so any of these fails
+    /// the same authentication check.)
+    #[error("frame authentication failed: forged, replayed, reordered or from another session")]
     BadMac,
-    /// An authentic frame whose sequence number was already used: a replay.
-    #[error("replayed frame: sequence number {got}, expected above {expected_above}")]
-    Replay {
-        /// The sequence number received.
-        got: u64,
-        /// The last sequence number accepted.
-        expected_above: u64,
-    },
-    /// An authentic frame that skips sequence numbers: frames were dropped in between.
-    #[error("frames missing: sequence number {got}, expected {expected}")]
-    SeqGap {
-        /// The sequence number received.
-        got: u64,
-        /// The next sequence number expected.
-        expected: u64,
-    },
-    /// The sender used up its sequence numbers (2^64 frames); the session must be re-established.
-    #[error("sequence numbers exhausted; reconnect")]
+    /// The sender used up its nonces (2^64 frames); the session must be re-established.
+    #[error("session nonces exhausted; reconnect")]
     SeqExhausted,
     /// Reading or writing the stream failed.
     #[error("cluster connection I/O: {0}")]
@@ -145,14 +133,10 @@ impl WireError {
         }
     }
 
-    /// True when the peer sent something forged or replayed ([`WireError::BadMac`],
-    /// [`WireError::Replay`], [`WireError::SeqGap`]): worth a warning, and the connection must be
-    /// dropped.
+    /// True when the peer sent something forged or replayed ([`WireError::BadMac`]): worth a
+    /// warning, and the connection must be dropped.
     pub fn is_security(&self) -> bool {
-        matches!(
-            self,
-            WireError::BadMac | WireError::Replay { .. } | WireError::SeqGap { .. }
-        )
+        matches!(self, WireError::BadMac)
     }
 }
 

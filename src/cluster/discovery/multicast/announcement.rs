@@ -170,9 +170,7 @@ pub fn decode_announcement(
     if a.protocol != PROTOCOL {
         return Err(AnnounceError::UnsupportedProtocol { got: a.protocol });
     }
-    if a.node_id.is_empty() {
-        return Err(AnnounceError::Malformed("empty node_id".into()));
-    }
+    crate::cluster::check_node_id(&a.node_id).map_err(AnnounceError::Malformed)?;
     if a.node_id == settings.node_id {
         return Err(AnnounceError::Own);
     }
@@ -363,17 +361,22 @@ mod tests {
             Err(AnnounceError::BadMagic { got: 0 })
         );
         assert_eq!(
-            with("protocol", 2.into()),
-            Err(AnnounceError::UnsupportedProtocol { got: 2 })
+            with("protocol", 9.into()),
+            Err(AnnounceError::UnsupportedProtocol { got: 9 })
         );
         assert!(matches!(
             with("extra", 1.into()),
             Err(AnnounceError::Malformed(_))
         ));
-        assert!(matches!(
-            with("node_id", "".into()),
-            Err(AnnounceError::Malformed(_))
-        ));
+        for bad in ["", "evil\"} 1\nforged 1", "a b", &"x".repeat(65)] {
+            assert!(
+                matches!(
+                    with("node_id", bad.into()),
+                    Err(AnnounceError::Malformed(_))
+                ),
+                "{bad:?}"
+            );
+        }
         assert!(matches!(
             with("mac", "zz".into()),
             Err(AnnounceError::Malformed(_))
@@ -448,6 +451,7 @@ mod tests {
                     prop_assert!(a.addr.port() != 0);
                     prop_assert!(!a.addr.ip().is_unspecified());
                     prop_assert!(a.node_id != "b");
+                    prop_assert!(crate::cluster::check_node_id(&a.node_id).is_ok());
                 }
             }
         }
