@@ -3,7 +3,7 @@
 //! Every test starts its own node on its own fresh database (`spawn_app` / `spawn_with`), so
 //! tests are independent and may run in parallel.
 
-mod common;
+use crate::common;
 
 use common::{context_yaml, model_yaml, opt_xml, spawn_app, spawn_with, TestApp};
 use openfhir_cache::cache::CacheName;
