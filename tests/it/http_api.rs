@@ -1767,52 +1767,6 @@ async fn evicting_a_key_makes_the_next_read_a_load() {
 }
 
 #[tokio::test]
-async fn bad_eviction_requests_are_400() {
-    let app = spawn_app().await;
-    let cases = [
-        (json!({ "group": "bogus" }), vec!["bogus"]),
-        (json!({ "key": "x" }), vec!["tenant"]),
-        (json!({ "group": "opt", "key": "x" }), vec!["tenant"]),
-        (json!({ "tenant": "a:b" }), vec!["tenant id"]),
-        (json!({ "group": "opt", "colour": "red" }), vec!["colour"]),
-    ];
-    for (body, needles) in cases {
-        send(
-            &app,
-            Method::POST,
-            "/caches/evict",
-            Some("application/json"),
-            &[],
-            body.to_string(),
-        )
-        .await
-        .expect_error(400, &needles);
-    }
-    send(
-        &app,
-        Method::POST,
-        "/caches/evict",
-        Some("text/plain"),
-        &[],
-        r#"{"group":"opt"}"#,
-    )
-    .await
-    .expect_error(415, &["text/plain"]);
-    for group in ["all", "opt", "fhir_connect", "tenant", "OPT"] {
-        send(
-            &app,
-            Method::POST,
-            "/caches/evict",
-            Some("application/json"),
-            &[],
-            json!({ "group": group }).to_string(),
-        )
-        .await
-        .expect(200);
-    }
-}
-
-#[tokio::test]
 async fn metrics_are_prometheus_text() {
     let app = spawn_app().await;
     app.put_opt("x", &opt_xml("x", "1")).await;
