@@ -325,7 +325,7 @@ async fn require_needs_no_ca_and_scram_passwords_work_over_tls() {
     let tls = TlsServer::start();
     let db = tls.prepare("ofc_tls_require").await;
     let url = format!(
-        "postgres://app:{APP_PASSWORD}@127.0.0.1:{}/{db}?sslmode=require",
+        "postgres://app:{APP_PASSWORD}@127.0.0.1:{}/{db}?sslmode=require&channel_binding=require",
         tls.server.port()
     );
     let app = start_node(&url).await;
@@ -334,7 +334,8 @@ async fn require_needs_no_ca_and_scram_passwords_work_over_tls() {
     assert_eq!(app.get_text("/opt/tls_require").await, xml);
     app.stop().await;
 
-    // The password is checked (SCRAM, as pg_hba.conf says for `app`).
+    // The password is checked (SCRAM, as pg_hba.conf says for `app`), and `channel_binding=require`
+    // above held: SCRAM-SHA-256-PLUS, bound to this TLS connection.
     let client = sql(&url).await.expect("app connects");
     let user: String = client
         .query_one(
