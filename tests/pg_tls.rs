@@ -400,3 +400,58 @@ async fn require_against_a_server_without_tls_is_refused() {
     let url = format!("{}{sep}sslmode=prefer", db.url);
     sql(&url).await.expect("prefer falls back to plain");
 }
+
+#[tokio::test]
+async fn readiness_names_the_tls_failure_when_the_server_certificate_changes() {
+    let tls = TlsServer::start();
+    let db = tls.prepare("ofc_tls_ready").await;
+    let app = start_node(&tls.url("postgres", &db, &tls.verify_full())).await;
+    let ready = app
+        .client
+        .get(app.url("/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // Made before the change: afterwards nothing verifies against the test CA.
+    let admin = sql(&tls.url("postgres", "postgres", &tls.verify_full()))
+        .await
+        .expect("admin connection");
+    // The server now presents a certificate of a CA the node does not trust ...
+    let other = Ca::new("a CA the node does not trust");
+    let (cert, key) = other.issue(
+        "pg.test",
+        &["127.0.0.1", "pg.test"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let data = tls.server.data_dir();
+    write_server_file(&data.join("server.crt"), cert.as_bytes(), 0o644);
+    write_server_file(&data.join("server.key"), key.as_bytes(), 0o600);
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    // ... and the node's connections are gone, so it must make new ones.
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1",
+            &[&format!("openfhir-cache/{}%", app.node.id())],
+        )
+        .await
+        .expect("terminate the node's backends");
+
+    let (refused, body) = app
+        .eventually("/health/ready", |status, body| {
+            status == 503 && body.contains("UnknownIssuer")
+        })
+        .await;
+    assert!(refused, "readiness did not name the TLS failure: {body}");
+    assert!(
+        body.contains(
+            "sslmode=verify-full: the server certificate is not signed by a CA in sslrootcert="
+        ),
+        "{body}"
+    );
+    app.abort();
+}
