@@ -40,13 +40,21 @@ struct Context {
 impl PgTls {
     /// Builds the connector from the TLS settings and their files (read by the config layer).
     pub fn new(tls: &DatabaseTls, files: TlsFiles) -> Result<PgTls> {
-        // ring builds with a C compiler only (aws-lc-rs wants cmake); rustls deprecates it
-        // for lacking post-quantum key exchange, which the classical groups replace.
+        // rustls deprecates ring's provider for lacking post-quantum key exchange; aws-lc-rs has
+        // it but needs cmake to build. The classical groups (X25519, P-256, P-384) remain,
+        // which every PostgreSQL server accepts.
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verify = tls.verify();
         let verifier: Arc<dyn ServerCertVerifier> = match (verify, files.roots) {
-            (Verify::Nothing, _) | (_, None) => Arc::new(AnyCertificate(provider.clone())),
+            (Verify::Nothing, _) => Arc::new(AnyCertificate(provider.clone())),
+            // `DatabaseTls::load` refuses this already; never fall back to no verification.
+            (_, None) => {
+                return Err(config_error(format!(
+                    "sslmode={} needs sslrootcert",
+                    tls.mode
+                )))
+            }
             (verify, Some(roots)) => {
                 let mut store = RootCertStore::empty();
                 let (_, unusable) = store.add_parsable_certificates(roots);
