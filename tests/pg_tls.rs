@@ -302,7 +302,10 @@ async fn wrong_ca_wrong_host_and_no_tls_are_refused_with_clear_errors() {
     );
     let e = node_refused(&url).await;
     assert!(
-        e.contains("sslmode=verify-full: the server certificate is not valid for host localhost"),
+        e.contains(
+            "sslmode=verify-full: the server certificate is not valid for host localhost; it \
+             names 127.0.0.1, pg.test"
+        ),
         "{e}"
     );
     // verify-ca does not check the name: the same connection works.

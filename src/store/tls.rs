@@ -189,7 +189,11 @@ impl HandshakeError {
                 CertificateError::NotValidForNameContext { presented, .. } => format!(
                     "{mode}: the server certificate is not valid for host {host}; it names {} \
                      (NotValidForName)",
-                    presented.join(", ")
+                    presented
+                        .iter()
+                        .map(|n| plain_name(n))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 other => format!("{mode}: the server certificate was refused: {other:?}"),
             },
@@ -202,6 +206,19 @@ impl HandshakeError {
         };
         HandshakeError { message, source }
     }
+}
+
+/// `pg.test` for rustls's `DnsName("pg.test")`, `10.0.0.1` for `IpAddress(10.0.0.1)`.
+fn plain_name(presented: &str) -> &str {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|n| n.strip_suffix("\")"))
+        .or_else(|| {
+            presented
+                .strip_prefix("IpAddress(")
+                .and_then(|n| n.strip_suffix(')'))
+        })
+        .unwrap_or(presented)
 }
 
 /// The explanation of a TLS failure behind a database error, if that is what it was: the
