@@ -38,6 +38,7 @@ mod logs;
 mod multicast_discovery;
 mod openfhir_api;
 mod pg_harness;
+mod pg_tls;
 mod shutdown;
 mod stale_window;
 mod triggers;

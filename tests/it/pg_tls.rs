@@ -2,11 +2,10 @@
 //! certificates from a test CA made here (rcgen), and nodes configured with libpq's
 //! `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in `DATABASE_URL`.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::pg::{write_server_file, PrivateServer, TestDb};
+use crate::common;
+use crate::common::pg::{write_server_file, PrivateServer, TestDb};
 use openfhir_cache::app::{self, ServeOptions};
 use openfhir_cache::config::parse_database_url;
 use openfhir_cache::store::tls::PgTls;
