@@ -92,6 +92,8 @@ fn is_fc_document(path: &str) -> bool {
 struct BodyLimits {
     any: usize,
     fc: usize,
+    /// The variable that sets `fc`: `OPENFHIR_MAX_BODY_BYTES` when it is the lower of the two.
+    fc_var: &'static str,
 }
 
 /// A request whose `Content-Length` is over the route's body limit is answered 413 at once,
@@ -105,7 +107,7 @@ async fn early_body_limit(State(l): State<BodyLimits>, req: Request, next: Next)
         .and_then(|v| v.trim().parse::<u64>().ok());
     let fc = is_fc_document(req.uri().path());
     let (limit, var) = if fc {
-        (l.fc, "OPENFHIR_MAX_FC_BODY_BYTES")
+        (l.fc, l.fc_var)
     } else {
         (l.any, "OPENFHIR_MAX_BODY_BYTES")
     };
@@ -225,6 +227,11 @@ pub fn router(state: AppState) -> Router {
             BodyLimits {
                 any: http.max_body_bytes,
                 fc: fc_limit,
+                fc_var: if http.max_fc_body_bytes <= http.max_body_bytes {
+                    "OPENFHIR_MAX_FC_BODY_BYTES"
+                } else {
+                    "OPENFHIR_MAX_BODY_BYTES"
+                },
             },
             early_body_limit,
         ))

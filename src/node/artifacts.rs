@@ -307,6 +307,9 @@ impl Node {
     /// A model or extension, by id or by name; an id match wins (read from the database;
     /// compiled artifacts are cached).
     pub async fn model(&self, tenant: &str, path: &str) -> Result<FcDocument> {
+        if Uuid::parse_str(path.trim()).is_err() {
+            domain::validate_artifact_id("model name", path)?;
+        }
         self.db
             .fc_at(FcTable::Model, tenant, path)
             .await?

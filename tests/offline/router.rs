@@ -610,14 +610,17 @@ async fn invalid_ids_in_the_path_are_400() {
     assert_eq!(v["error"], "bad request", "{v}");
     assert_eq!(v["details"].as_array().map(Vec::len), Some(1), "{v}");
     // OPT and context ids with a control character or over 512 characters: openFHIR's 400 array.
-    // (A model is read from the database without this check, so it is not here.)
     let long = format!("/opt/{}", "x".repeat(513));
+    let long_model = format!("/fc/model/{}", "x".repeat(513));
     for path in [
         "/opt/a%00b",
         "/opt/a%0Ab",
         "/opt/a%07b",
         "/fc/context/a%00b",
+        "/fc/model/a%00b",
+        "/fc/model/a%0Ab",
         long.as_str(),
+        long_model.as_str(),
     ] {
         let r = send(&app, get(path)).await;
         assert_eq!(r.status, 400, "{path}: {}", r.text());
@@ -840,15 +843,15 @@ async fn a_declared_length_over_the_limit_is_413_from_the_headers() {
     with_default_tenant(&node).await;
     let body = "x".repeat(4096);
     let general = "OPENFHIR_MAX_BODY_BYTES";
-    // The FHIR Connect routes take the smaller of the two limits, and name their own.
-    let fc = "OPENFHIR_MAX_FC_BODY_BYTES";
+    // The FHIR Connect routes take the smaller of the two limits and name the one that applies:
+    // here the general limit (2048) is below the FHIR Connect default (128 KiB).
     for (method, path, ct, var) in [
         (Method::POST, "/opt", "application/xml", general),
         (Method::PUT, "/opt/big", "application/xml", general),
         (Method::PUT, "/tenants/big", "application/json", general),
         (Method::POST, "/caches/evict", "application/json", general),
-        (Method::POST, "/fc/context", "application/yaml", fc),
-        (Method::PUT, "/fc/model/Big", "application/yaml", fc),
+        (Method::POST, "/fc/context", "application/yaml", general),
+        (Method::PUT, "/fc/model/Big", "application/yaml", general),
     ] {
         let r = send(&app, upload(method.clone(), path, ct, body.clone())).await;
         r.error(
