@@ -58,6 +58,7 @@ pub struct InvalidationStats {
     pub(crate) log_head: AtomicU64,
     pub(crate) last_step_repaired: AtomicU64,
     pub(crate) last_step_unix_ms: AtomicU64,
+    pub(crate) last_step_lag_ms: AtomicU64,
 }
 
 /// What one catch-up step did.
@@ -119,6 +120,9 @@ pub struct InvalidationReport {
     pub pending_positions: usize,
     /// Milliseconds since the last successful step.
     pub ms_since_last_catchup: Option<u64>,
+    /// How far behind the log the last successful step found this node: the age, in
+    /// milliseconds, of the oldest row it had to apply itself (0 when it repaired nothing).
+    pub last_step_lag_ms: u64,
     /// NOTIFY of this node's own writes, sent after COMMIT (see [`super::deferred`]).
     pub deferred_notify: super::deferred::DeferredNotifyReport,
 }
