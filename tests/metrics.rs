@@ -289,12 +289,13 @@ async fn metrics_parse_with_the_official_parsers_after_hostile_peers_tried_to_jo
         "nœud-é".to_string(),
         "back\\slash".to_string(),
     ];
-    for id in &hostile {
+    for (i, id) in hostile.iter().enumerate() {
         let identity = Identity {
             cluster: name.clone(),
             node_id: id.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
-            advertised_addr: "127.0.91.9:7800".into(),
+            // Each its own address, so none would replace another in membership.
+            advertised_addr: format!("127.0.91.9:{}", 7801 + i),
         };
         let mut s = TcpStream::connect(a_addr).await.unwrap();
         let e = cluster::connect(&mut s, &identity, None)

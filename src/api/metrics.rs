@@ -188,7 +188,7 @@ impl Collector for BuildInfo {
         // An info metric: the encoders add the `_info` suffix.
         let mut m = enc.encode_descriptor(
             "openfhir_cache_build",
-            "The running release of openfhir-cache",
+            "The running release of openfhir-cache.",
             None,
             MetricType::Info,
         )?;
