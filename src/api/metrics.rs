@@ -11,6 +11,7 @@
 //! The format follows the scraper's `Accept` header: OpenMetrics 1.0 when it asks for it (as
 //! Prometheus does), else the classic text format 0.0.4, which the route always served.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -79,7 +80,7 @@ fn method_label(m: &Method) -> &'static str {
 /// Middleware: times every request, from when the router sees it until its response head is
 /// ready (a streamed body is not waited for), by method, matched route and status.
 pub(super) async fn record_http(
-    State(state): State<AppState>,
+    State(metrics): State<Arc<HttpMetrics>>,
     req: Request,
     next: Next,
 ) -> Response {
@@ -95,8 +96,7 @@ pub(super) async fn record_http(
         ("route", route),
         ("status", response.status().as_u16().to_string()),
     ];
-    state
-        .http_metrics
+    metrics
         .requests
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());

@@ -261,7 +261,7 @@ pub fn router(state: AppState) -> Router {
         // Outermost, so the time includes every layer and the status is the one sent. Layers
         // wrap each route, so the matched route template is known here.
         .layer(middleware::from_fn_with_state(
-            node.clone(),
+            node.http_metrics.clone(),
             metrics::record_http,
         ))
         .with_state(node)
