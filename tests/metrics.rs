@@ -24,6 +24,7 @@ use std::process::{Command, Stdio};
 use common::pg::TestDb;
 use common::{opt_xml, spawn_url, unique_tag, wait_for, TestApp};
 use openfhir_cache::cluster::{self, Identity, RejectReason};
+use openfhir_cache::invalidation::ListenerState;
 use serde::Deserialize;
 use tokio::net::TcpStream;
 
@@ -252,7 +253,14 @@ async fn metrics_parse_with_the_official_parsers_after_hostile_peers_tried_to_jo
         wait_for(10, || b.node.cluster().counters().applied > applied).await,
         "the peer channel never delivered"
     );
-    // In plain SQL: NOTIFY on `a`, catch-up on `b`.
+    // In plain SQL: NOTIFY on `a`, catch-up on `b`. `a` must be listening by then, or its own
+    // catch-up could deliver the write first.
+    assert!(
+        wait_for(10, || a.node.invalidation_report().listener
+            == ListenerState::Listening)
+        .await,
+        "a never listened"
+    );
     let (notified, caught_up) = (
         a.node.invalidation_report().first_by_notify,
         b.node.invalidation_report().first_by_catchup,

@@ -548,7 +548,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn openfhir_is_chosen_only_when_accepted() {
+    fn openmetrics_is_chosen_only_when_accepted() {
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::ACCEPT, v.parse().unwrap());
