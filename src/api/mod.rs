@@ -5,7 +5,6 @@ mod conn;
 mod error;
 pub mod metrics;
 mod ops;
-mod process;
 pub mod server;
 mod tenants;
 
