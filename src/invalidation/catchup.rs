@@ -69,16 +69,13 @@ impl Invalidation {
             self.apply(&row.change()).await;
             // The peer channel timed its own delivery of this change.
             if let (false, Some(at)) = (by_peer, row.created_unix_ms) {
-                let label = match channel {
-                    Channel::Notify => "notify",
-                    Channel::Catchup => "catchup",
-                };
-                self.record_delay(label, at);
+                self.record_delay(channel, at);
             }
             match channel {
                 _ if by_peer => &self.stats.first_by_peer,
                 Channel::Notify => &self.stats.first_by_notify,
                 Channel::Catchup => &self.stats.first_by_catchup,
+                Channel::Peer => &self.stats.first_by_peer,
             }
             .fetch_add(1, Ordering::Relaxed);
         } else {

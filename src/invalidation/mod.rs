@@ -166,14 +166,14 @@ impl Invalidation {
         }
     }
 
-    /// Records how long a change took from its write to being applied here: `channel` is `peer`,
-    /// `notify` or `catchup`, `written_unix_ms` the sender's clock when it announced the change
-    /// after COMMIT (peer) or the database's when the log row was written (NOTIFY, catch-up). The
-    /// clocks of two machines differ, so a negative delay is counted as 0.
-    pub fn record_delay(&self, channel: &'static str, written_unix_ms: u64) {
+    /// Records how long a change took from its write to being applied here by `channel`:
+    /// `written_unix_ms` is the sender's clock when it announced the change after COMMIT (peer)
+    /// or the database's when the log row was written (NOTIFY, catch-up). The clocks of two
+    /// machines differ, so a negative delay is counted as 0.
+    pub fn record_delay(&self, channel: Channel, written_unix_ms: u64) {
         let ms = now_ms().saturating_sub(written_unix_ms);
         self.delay
-            .get_or_create(&[("channel", channel)])
+            .get_or_create(&[("channel", channel.as_str())])
             .observe(ms as f64 / 1000.0);
     }
 

@@ -5,14 +5,28 @@ use std::sync::atomic::{AtomicU64, AtomicU8};
 
 use serde::Serialize;
 
-/// Which channel delivered an invalidation first.
+/// A channel that delivers invalidations to this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Channel {
     /// PostgreSQL LISTEN/NOTIFY.
     Notify,
     /// Replaying the log.
     Catchup,
+    /// A peer's message over the cluster channel.
+    Peer,
+}
+
+impl Channel {
+    /// Its name in `/metrics` labels: `notify`, `catchup`, `peer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Notify => "notify",
+            Channel::Catchup => "catchup",
+            Channel::Peer => "peer",
+        }
+    }
 }
 
 /// State of the LISTEN connection.

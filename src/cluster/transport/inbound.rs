@@ -261,7 +261,7 @@ async fn receive(
                 };
                 ctx.inv.apply(&inv.change).await;
                 if let Some(at) = inv.at_unix_ms {
-                    ctx.inv.record_delay("peer", at);
+                    ctx.inv.record_delay(crate::invalidation::Channel::Peer, at);
                 }
                 if let Some(xid) = inv.log_position.and_then(|p| u64::try_from(p).ok()) {
                     ctx.inv.peer_delivered(xid);
