@@ -246,15 +246,6 @@ pub fn unreachable(cfg: &Config, e: &Error) -> Error {
         .is_some_and(|v| v.default == cfg.database.url.expose());
     let auth_refused = matches!(e.root(), Error::Pool(deadpool_postgres::PoolError::Backend(b))
         if b.code().is_some_and(|c| c.code().starts_with("28") || c.code() == "3D000"));
-    let hint = if auth_refused {
-        "The server answered but refused the login or the database: set DATABASE_URL with the right \
-         user, password and database name (postgres://user:password@host:5432/db)"
-    } else if default {
-        "No DATABASE_URL is set and nothing answers at the default address: start PostgreSQL there \
-         (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL=postgres://user:password@host:5432/db"
-    } else {
-        "Check that PostgreSQL runs there and DATABASE_URL is right"
-    };
     // The whole chain: "error connecting to server: Connection refused (os error 111)".
     let mut cause = e.root().to_string();
     let mut src = std::error::Error::source(e.root());
@@ -265,6 +256,24 @@ pub fn unreachable(cfg: &Config, e: &Error) -> Error {
         }
         src = s.source();
     }
+    let tls = crate::store::tls::tls_failure(e, cfg.database.tls.mode);
+    let hint = if tls.is_some() {
+        "Check sslmode, sslrootcert, sslcert and sslkey in DATABASE_URL (see docs/deployment.md)"
+    } else if cause.contains("no encryption") {
+        // pg_hba.conf has no entry for a connection without TLS.
+        "The server accepts only TLS connections: add sslmode=verify-full and sslrootcert=<the \
+         CA's PEM file> to DATABASE_URL (see docs/deployment.md)"
+    } else if auth_refused {
+        "The server answered but refused the login or the database: set DATABASE_URL with the right \
+         user, password and database name (postgres://user:password@host:5432/db)"
+    } else if default {
+        "No DATABASE_URL is set and nothing answers at the default address: start PostgreSQL there \
+         (e.g. `pg_ctlcluster <version> main start`) or set DATABASE_URL=postgres://user:password@host:5432/db"
+    } else {
+        "Check that PostgreSQL runs there and DATABASE_URL is right"
+    };
+    // A TLS failure in its own words; the driver's chain repeats it less clearly.
+    let cause = tls.unwrap_or(cause);
     Error::DatabaseUnreachable {
         url: cfg.database.url.masked(),
         cause,

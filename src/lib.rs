@@ -14,10 +14,10 @@
 //!   never served ([`cache::VersionedCache`]).
 //!
 //! ## Layers
-//! Modules depend one way, each only on those above it in this list (`tests/architecture.rs`
-//! checks it): [`config`], [`error`], [`rendered`], [`domain`], [`cache`], [`store`],
-//! [`invalidation`], [`cluster`], [`node`], [`bootstrap`], [`api`], [`app`], and the benchmark
-//! harness `bench` (feature `bench`, on by default) over all of them.
+//! Modules depend one way, each only on those above it in this list
+//! (`tests/offline/architecture.rs` checks it): [`config`], [`error`], [`rendered`], [`domain`],
+//! [`cache`], [`store`], [`invalidation`], [`cluster`], [`node`], [`bootstrap`], [`api`], [`app`],
+//! and the benchmark harness `bench` (feature `bench`, on by default) over all of them.
 //!
 //! ## Embedding
 //! Build a [`node::Node`] from a [`config::Config`] and call its read and write methods; or run

@@ -105,9 +105,15 @@ pub async fn ready(State(node): State<AppState>) -> Response {
             .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
+            // A TLS failure names settings and the host, never a secret: say which.
+            let error =
+                match crate::store::tls::tls_failure(&e, node.node.config().database.tls.mode) {
+                    Some(tls) => format!("database unreachable: {tls}"),
+                    None => "database unreachable".to_string(),
+                };
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({ "status": "not ready", "error": "database unreachable" })),
+                Json(json!({ "status": "not ready", "error": error })),
             )
                 .into_response()
         }

@@ -9,7 +9,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tokio_postgres::NoTls;
 
 use super::{BenchError, BenchOptions, BenchResult, Sizes};
 use crate::app::{self, Running, ServeOptions};
@@ -484,10 +483,13 @@ async fn drop_database(admin: &tokio_postgres::Client, name: &str) -> BenchResul
     Ok(())
 }
 
+/// Connects as a node would: `url`'s TLS settings (`sslmode`, `sslrootcert`, ...) apply.
 async fn connect(url: &str, what: &str) -> BenchResult<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(sql(what.to_string()))?;
+    let config = Config::from_sources(None, |k| (k == "DATABASE_URL").then(|| url.to_string()))?;
+    let (pg, files) = config.database.connect_settings()?;
+    let tls = crate::store::tls::PgTls::new(&config.database.tls, files)
+        .map_err(node_err("set up TLS to the database"))?;
+    let (client, conn) = pg.connect(tls).await.map_err(sql(what.to_string()))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });

@@ -12,9 +12,11 @@
 //! * `values`: the value types ([`Ttl`], [`Discovery`], [`HostPort`], [`LogFormat`]) and the
 //!   shared parsers.
 //! * `secret`: [`Secret`] and [`DatabaseUrl`], which never print their secret ([`mask_url`]).
+//! * `database`: `DATABASE_URL`'s TLS settings ([`DatabaseTls`], libpq's `sslmode` and files).
 //! * `source`: the layered sources and [`describe`].
 //! * this module: the validated [`Config`] and its sections, and [`Config::from_sources`].
 
+mod database;
 mod secret;
 mod source;
 mod values;
@@ -28,6 +30,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::Serialize;
 
+pub use database::{parse_database_url, DatabaseTls, RootCert, SslMode, TlsFiles, Verify};
 pub use secret::{mask_url, DatabaseUrl, Secret};
 pub use source::describe;
 pub use values::{parse_initial_hosts, Discovery, HostPort, LogFormat, Ttl};
@@ -119,6 +122,23 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     /// `OPENFHIR_DB_POOL_SIZE`: maximum pooled connections.
     pub pool_size: usize,
+    /// The TLS settings of `DATABASE_URL` (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
+    pub tls: DatabaseTls,
+}
+
+impl DatabaseConfig {
+    /// The tokio-postgres settings of `DATABASE_URL` (without the TLS parameters it does not
+    /// know) and its TLS files, read now. Errors name `DATABASE_URL`, the setting and the file.
+    pub fn connect_settings(&self) -> Result<(tokio_postgres::Config, TlsFiles), ConfigError> {
+        let invalid = |reason| ConfigError::Invalid {
+            source_name: "DATABASE_URL".to_string(),
+            value: self.url.masked(),
+            reason,
+        };
+        let (pg, _) = parse_database_url(self.url.expose()).map_err(invalid)?;
+        let files = self.tls.load().map_err(invalid)?;
+        Ok((pg, files))
+    }
 }
 
 /// HTTP API settings.
@@ -307,16 +327,16 @@ impl Config {
             }
             _ => {}
         }
+        let (url, tls) = raw.parse("database.url", |s| {
+            let s = s.trim();
+            parse_database_url(s).map(|(_, tls)| (DatabaseUrl(s.to_string()), tls))
+        })?;
         let database = DatabaseConfig {
-            url: raw.parse("database.url", |s| {
-                let s = s.trim();
-                tokio_postgres::Config::from_str(s)
-                    .map(|_| DatabaseUrl(s.to_string()))
-                    .map_err(|e| format!("not a PostgreSQL connection URL ({e})"))
-            })?,
+            url,
             pool_size: raw.parse("database.pool_size", |s| {
                 parse_range(s, 1, 1000, "a number of connections")
             })?,
+            tls,
         };
         let http = HttpConfig {
             addr: raw.parse("http.addr", |s| {

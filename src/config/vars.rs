@@ -48,7 +48,7 @@ pub const VARS: &[Var] = &[
     Var { env: "CLUSTER_SEND_QUEUE", key: "cluster.send_queue", default: "4096",
           doc: "Messages queued per peer (1-1000000); a peer whose queue overflows is marked as having missed messages." },
     Var { env: "DATABASE_URL", key: "database.url", default: "postgres://postgres@127.0.0.1:5432/postgres",
-          doc: "PostgreSQL connection URL (the source of truth). The password is masked in output." },
+          doc: "PostgreSQL connection URL (the source of truth). The password is masked in output. TLS: libpq's sslmode (disable, prefer, require, verify-ca, verify-full), sslrootcert (a CA file or `system`), sslcert and sslkey." },
     Var { env: "OPENFHIR_DB_POOL_SIZE", key: "database.pool_size", default: "16",
           doc: "Maximum number of pooled database connections (1-1000)." },
     Var { env: "OPENFHIR_HTTP_ADDR", key: "http.addr", default: "0.0.0.0:8080",

@@ -55,7 +55,7 @@ pub(super) async fn run(inv: Arc<Invalidation>) {
 async fn session(inv: &Invalidation, sessions_before: u64, listened: &mut bool) -> Result<()> {
     let mut cfg = inv.db.connection_config(&inv.listener_name);
     cfg.connect_timeout(Duration::from_secs(5));
-    let (client, mut connection) = cfg.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = cfg.connect(inv.db.tls()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let driver = tokio::spawn(async move {
         loop {

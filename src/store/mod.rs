@@ -8,19 +8,20 @@
 
 mod artifacts;
 pub mod migrate;
+pub mod tls;
 
 pub use artifacts::{opt_write_sql, Artifact, FcTable, OptSummary, Target};
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::Row;
 
 use crate::config::DatabaseConfig;
 use crate::domain::Tenant;
 use crate::error::{Error, Result};
+use tls::PgTls;
 
 /// How long a request waits for a pooled connection, or for a new one to be made, before it
 /// fails with "database unavailable" (503) instead of hanging.
@@ -51,6 +52,8 @@ pub struct Db {
     notify: NotifyMode,
     /// The connection settings, `application_name` included, for connections of their own.
     config: tokio_postgres::Config,
+    /// TLS as `DATABASE_URL` says, for every connection (pooled or not).
+    tls: PgTls,
 }
 
 /// The value of `openfhir.notify` that makes the triggers leave the notification to the writer.
@@ -94,12 +97,14 @@ impl Db {
     /// Builds the pool. Connections are made lazily; call [`Db::check`] to fail fast.
     /// `application_name` names the node in `pg_stat_activity`, and the invalidation triggers
     /// read the origin node from it.
+    /// The TLS files of `DATABASE_URL` are read here, once.
     pub fn new(cfg: &DatabaseConfig, application_name: &str) -> Result<Db> {
-        let mut pg = tokio_postgres::Config::from_str(cfg.url.expose())?;
+        let (mut pg, files) = cfg.connect_settings()?;
+        let tls = PgTls::new(&cfg.tls, files)?;
         pg.application_name(application_name);
         let mgr = Manager::from_config(
             pg.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -116,7 +121,14 @@ impl Db {
             pool,
             notify: NotifyMode::default(),
             config: pg,
+            tls,
         })
+    }
+
+    /// The TLS connector of this database's connections, for a connection made outside the
+    /// pool with [`Db::connection_config`] (the LISTEN connection).
+    pub fn tls(&self) -> PgTls {
+        self.tls.clone()
     }
 
     /// The settings of a connection outside the pool named `application_name`.
@@ -138,7 +150,7 @@ impl Db {
         );
         let mut cfg = self.connection_config(&name);
         cfg.connect_timeout(POOL_TIMEOUT);
-        let (client, connection) = cfg.connect(NoTls).await?;
+        let (client, connection) = cfg.connect(self.tls()).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "a dedicated database connection ended");

@@ -471,6 +471,40 @@ impl PrivateServer {
         server
     }
 
+    /// Like [`new`](Self::new), but `setup` runs on the data directory after `initdb` and
+    /// before the first start (extra `postgresql.conf` lines, a new `pg_hba.conf`, key files:
+    /// see [`write_server_file`]). Readiness is what `pg_ctl start -w` waits for, not a plain
+    /// connection, which such a server may refuse (e.g. one that accepts only TLS).
+    pub fn with_setup(setup: impl FnOnce(&Path)) -> PrivateServer {
+        let pg = PgBin::get();
+        let base = Layout::shared().base.join("private");
+        ensure_dir(&base);
+        let dir = tempfile::Builder::new()
+            .prefix("pg-")
+            .tempdir_in(&base)
+            .unwrap_or_else(|e| panic!("cannot create a directory in {}: {e}", base.display()));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", dir.path().display()));
+        give_to_postgres(dir.path());
+        let data = dir.path().join("data");
+        let log = dir.path().join("log");
+        pg.initdb(&data);
+        setup(&data);
+        let mut server = PrivateServer {
+            dir: Some(dir),
+            data,
+            log,
+            port: free_port(),
+        };
+        server.port = start_retrying(pg, &server.data, &server.log, server.port);
+        server
+    }
+
+    /// The server's log so far (its last lines), for a failure message.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log)
+    }
+
     /// Port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
@@ -572,6 +606,16 @@ impl PrivateServer {
     fn backup_dir(&self) -> PathBuf {
         self.dir().join("backup")
     }
+}
+
+/// Writes a file the server reads (a certificate, a key, a config file) with permission bits
+/// `mode` (a private key must be 0600), owned by the server's user (`postgres` when the tests
+/// run as root, as the server then does). Panics on failure.
+pub fn write_server_file(path: &Path, contents: &[u8], mode: u32) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+    give_to_postgres(path);
 }
 
 /// `cp -a from to` (as root this keeps `postgres` as the owner); panics on failure.

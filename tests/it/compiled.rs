@@ -2,7 +2,7 @@
 //! uploaded, the mapper index and helper tree are compiled once and cached, and every change that
 //! affects them evicts them.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! Every test starts its own node on its own fresh database (`spawn_app` / `spawn_with`), so
 //! tests are independent and may run in parallel.
 
-mod common;
+use crate::common;
 
 use common::{context_yaml, model_yaml, opt_xml, spawn_app, spawn_with, TestApp};
 use openfhir_cache::cache::CacheName;
@@ -1764,52 +1764,6 @@ async fn evicting_a_key_makes_the_next_read_a_load() {
         .expect(200);
     app.get_text("/opt/growth_chart").await;
     assert_eq!(app.stats(CacheName::Opt).await.stats.loads, loads + 2);
-}
-
-#[tokio::test]
-async fn bad_eviction_requests_are_400() {
-    let app = spawn_app().await;
-    let cases = [
-        (json!({ "group": "bogus" }), vec!["bogus"]),
-        (json!({ "key": "x" }), vec!["tenant"]),
-        (json!({ "group": "opt", "key": "x" }), vec!["tenant"]),
-        (json!({ "tenant": "a:b" }), vec!["tenant id"]),
-        (json!({ "group": "opt", "colour": "red" }), vec!["colour"]),
-    ];
-    for (body, needles) in cases {
-        send(
-            &app,
-            Method::POST,
-            "/caches/evict",
-            Some("application/json"),
-            &[],
-            body.to_string(),
-        )
-        .await
-        .expect_error(400, &needles);
-    }
-    send(
-        &app,
-        Method::POST,
-        "/caches/evict",
-        Some("text/plain"),
-        &[],
-        r#"{"group":"opt"}"#,
-    )
-    .await
-    .expect_error(415, &["text/plain"]);
-    for group in ["all", "opt", "fhir_connect", "tenant", "OPT"] {
-        send(
-            &app,
-            Method::POST,
-            "/caches/evict",
-            Some("application/json"),
-            &[],
-            json!({ "group": group }).to_string(),
-        )
-        .await
-        .expect(200);
-    }
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Limits of the HTTP front under hostile or excessive clients: concurrency, connections,
 //! header read time and header size. Each test runs its own node and database.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

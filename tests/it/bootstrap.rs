@@ -3,7 +3,7 @@
 //! reaches the running peers, a broken file is refused alone, recursion can be switched off, and
 //! a missing directory is only a log line.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

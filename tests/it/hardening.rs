@@ -3,7 +3,7 @@
 //! tokens on probes, a forged Hello, error bodies of every status, an oversized Content-Length,
 //! and duplicate tenant headers.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! (timestamp, level, target, fields), `RUST_LOG` filters by level and target (default `info`),
 //! and the text format carries no colour codes when stderr is not a terminal (here: a file).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::Duration;

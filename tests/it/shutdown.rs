@@ -4,7 +4,7 @@
 //!
 //! The two-node test binds 127.0.30.2:7800 and 127.0.30.3:7800, addresses no other test uses.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

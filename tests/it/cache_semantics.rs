@@ -1,7 +1,7 @@
 //! Cache semantics against real PostgreSQL: TTL modes, no query on a hit, one load for many
 //! concurrent cold reads, evictions on writes, the eviction-vs-load race, and failed loads.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

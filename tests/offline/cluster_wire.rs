@@ -1,9 +1,6 @@
 //! The cluster wire protocol and handshake, end to end over in-memory streams, plus property tests
 //! that every decoder is total.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use openfhir_cache::cache::Change;
 use openfhir_cache::cluster::{
     accept, connect, decode_frame, decode_frame_header, encode_frame, read_frame, write_frame,
@@ -14,29 +11,10 @@ use proptest::prelude::*;
 use tokio::io::{AsyncWriteExt, DuplexStream};
 
 // ---------------------------------------------------------------------------------------------
-// An allocator that records the largest single allocation made by the current thread, to prove
-// that a huge length header is refused before anything is allocated for it.
+// The binary's allocator (`alloc.rs`) records the largest single allocation made by the current
+// thread, to prove that a huge length header is refused before anything is allocated for it.
 
-struct Recording;
-
-thread_local! {
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-unsafe impl GlobalAlloc for Recording {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let _ = LARGEST.try_with(|m| m.set(m.get().max(layout.size())));
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Recording = Recording;
+use crate::alloc::LARGEST;
 
 /// Runs `fut` to completion on this thread and returns its output with the largest allocation
 /// this thread made meanwhile.

@@ -3,7 +3,7 @@
 //! killed connection and a server restart; retention flushes a node that fell behind; and a
 //! consistency token gives read-your-writes across nodes.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -9,15 +9,14 @@
 //! `Config::from_sources`), OPT XML (`parse_opt`, `TemplateTree::parse`), FHIR Connect YAML and
 //! JSON (`parse_fc`, `parse_context`, `parse_model`), and what is compiled from them
 //! (`mapper::compile`, `helpers::build`). The plain "arbitrary bytes" properties of frames,
-//! envelopes, `Opener::open` and announcements live in `tests/cluster_wire.rs` and
+//! envelopes, `Opener::open` and announcements live in `tests/offline/cluster_wire.rs` and
 //! `src/cluster/discovery/multicast/announcement.rs`; the YAML alias budget is tested next to it in
 //! `src/domain/fhir_connect.rs`.
 //!
-//! Memory is measured by this binary's global allocator, per thread: the peak of live bytes and
-//! the largest single allocation made while a closure runs. It also aborts the test binary (rather
-//! than the machine) if one thread ever holds more than [`HARD_CAP`] bytes.
+//! Memory is measured by this binary's global allocator (`alloc.rs`), per thread: the peak of live
+//! bytes and the largest single allocation made while a closure runs. It also aborts the test
+//! binary (rather than the machine) if one thread ever holds more than 3 GiB.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -50,63 +49,9 @@ use proptest::sample::Index;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 // ---------------------------------------------------------------------------------------------
-// Measuring allocations
+// Measuring allocations (the binary's allocator, in `alloc.rs`)
 
-/// One thread holding more than this is a runaway decoder: abort instead of exhausting the host.
-const HARD_CAP: isize = 3 << 30;
-
-struct Measuring;
-
-thread_local! {
-    static LIVE: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
-}
-
-fn grew(by: isize, size: usize) -> bool {
-    let live = LIVE
-        .try_with(|l| {
-            let v = l.get() + by;
-            l.set(v);
-            v
-        })
-        .unwrap_or(0);
-    let _ = PEAK.try_with(|p| p.set(p.get().max(live)));
-    let _ = LARGEST.try_with(|m| m.set(m.get().max(size)));
-    live <= HARD_CAP
-}
-
-unsafe impl GlobalAlloc for Measuring {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !grew(layout.size() as isize, layout.size()) {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !grew(layout.size() as isize, layout.size()) {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let _ = LIVE.try_with(|l| l.set(l.get() - layout.size() as isize));
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !grew(new_size as isize - layout.size() as isize, new_size) {
-            return std::ptr::null_mut();
-        }
-        // SAFETY: forwarded unchanged to the system allocator.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Measuring = Measuring;
+use crate::alloc::{LARGEST, LIVE, PEAK};
 
 /// What a closure allocated on this thread.
 #[derive(Debug, Clone, Copy)]

@@ -7,10 +7,10 @@
 //! instead would need its path, which Cargo gives only for `[[bin]]` targets, or a nested
 //! `cargo run`, which waits on the build lock the running `cargo test` holds.
 
-mod common;
+use crate::common;
 
 #[allow(dead_code)] // its `main` is not used here
-#[path = "../examples/embedded.rs"]
+#[path = "../../examples/embedded.rs"]
 mod example;
 
 use common::pg::TestDb;

@@ -2,7 +2,7 @@
 //! with a cleared environment (only `PATH` plus what each test sets) in an empty working
 //! directory (so no stray `openfhir-cache.toml` is picked up).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, ExitStatus, Output};

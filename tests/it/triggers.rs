@@ -3,7 +3,7 @@
 //! keys), NOTIFY from the trigger for plain-SQL writes and after COMMIT for a node's own writes
 //! (once, with the trigger's payload), and the upgrade of a database at version 2.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //!
 //! Each test uses its own 127.0.N.x addresses and cluster name, so tests run in parallel.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! flows, in this project's words and fixtures), addressing by id or by key, the FHIR Connect
 //! files openFHIR accepts, and two nodes seeing each other's writes.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use common::{opt_xml, spawn_app, spawn_url, unique_tag, wait_for, TestApp};
 use reqwest::Method;
 use serde_json::Value;
 
-const GROWTH_OPT: &str = include_str!("fixtures/growth_chart.opt");
+const GROWTH_OPT: &str = include_str!("../fixtures/growth_chart.opt");
 
 /// A response, read.
 struct Resp {

@@ -1,7 +1,7 @@
 //! `DNS` discovery against a real DNS server on a loopback port (see `common::dns`): one lookup
 //! round, the publishing loop following a changing zone, negative answers, and outages.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;

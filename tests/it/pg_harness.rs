@@ -1,6 +1,6 @@
 //! Self-test of the PostgreSQL test harness in `tests/common/pg.rs`.
 
-mod common;
+use crate::common;
 
 use common::pg::{admin_url, PrivateServer, TestDb};
 

@@ -2,10 +2,10 @@
 //! Not part of the regular suite (it asserts nothing about time); run by hand:
 //!
 //! ```sh
-//! cargo test --release --test stale_window -- --ignored --nocapture
+//! cargo test --release --test it stale_window:: -- --ignored --nocapture
 //! ```
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -13,7 +13,7 @@
 //! back up, let the node's watermark move well past the backup's next transaction id, kill the
 //! server, put the backup back and start it again on the same port.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
