@@ -102,6 +102,9 @@ pub(super) async fn record_http(
     response
 }
 
+/// The classic text format's content type, exactly as the route always served it.
+const TEXT: &str = "text/plain; version=0.0.4";
+
 /// The OpenMetrics content type, served when the scraper accepts it.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -167,7 +170,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
     } else {
         (
             prometheus_client::encoding::prometheus_text::encode(&mut out, &registry),
-            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            TEXT,
         )
     };
     if let Err(e) = encoded {
