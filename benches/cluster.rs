@@ -31,6 +31,7 @@ fn invalidation(seq: u64) -> Envelope {
                 tenant: "default".into(),
                 template_id: "growth_chart".into(),
             },
+            at_unix_ms: Some(1_765_000_000_000),
         }),
     )
 }

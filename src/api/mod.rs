@@ -3,6 +3,7 @@
 mod artifacts;
 mod conn;
 mod error;
+pub mod metrics;
 mod ops;
 pub mod server;
 mod tenants;
@@ -137,6 +138,8 @@ pub struct AppState {
     pub http_stats: Arc<ServerStats>,
     /// The bootstrap run readiness waits for (none by default).
     pub bootstrap: Arc<crate::bootstrap::Progress>,
+    /// The HTTP latency histograms of `/metrics`.
+    pub http_metrics: Arc<metrics::HttpMetrics>,
 }
 
 impl AppState {
@@ -146,6 +149,7 @@ impl AppState {
             node,
             http_stats: Arc::default(),
             bootstrap: Arc::default(),
+            http_metrics: Arc::default(),
         }
     }
 }
@@ -209,7 +213,7 @@ pub fn router(state: AppState) -> Router {
         .route("/cluster", get(ops::cluster))
         .route("/caches", get(ops::caches))
         .route("/caches/evict", post(ops::evict))
-        .route("/metrics", get(ops::metrics))
+        .route("/metrics", get(metrics::metrics))
         .route("/health", get(ops::ready))
         .route("/health/live", get(ops::live))
         .route("/health/ready", get(ops::ready))
@@ -260,6 +264,12 @@ pub fn router(state: AppState) -> Router {
                 },
             ),
         )
+        // Outermost, so the time includes every layer and the status is the one sent. Layers
+        // wrap each route, so the matched route template is known here.
+        .layer(middleware::from_fn_with_state(
+            node.http_metrics.clone(),
+            metrics::record_http,
+        ))
         .with_state(node)
 }
 

@@ -13,6 +13,8 @@ mod versioned;
 
 use std::sync::Arc;
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 pub use change::{targets, CacheName, Change, Group, Scope};
@@ -30,6 +32,23 @@ pub trait CustomGroup: Send + Sync {
     fn invalidate(&self, tenant: Option<&str>, key: Option<&str>);
 }
 
+/// Upper bounds, in seconds, of the cache load histogram's buckets: a load is one or two indexed
+/// queries (about a millisecond), a mapper or helper tree compile can take much longer.
+pub const LOAD_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram with [`LOAD_BUCKETS`].
+pub fn load_histogram() -> Histogram {
+    Histogram::new(LOAD_BUCKETS)
+}
+
+/// The label set of a per-cache series: `cache="opt"` and so on.
+pub type CacheLabel = [(&'static str, &'static str); 1];
+
+/// Load times of every cache of the node, one histogram per `cache` label.
+pub type LoadHistograms = Family<CacheLabel, Histogram, fn() -> Histogram>;
+
 /// Every cache of the node.
 pub struct Caches {
     /// `tenant:templateId` -> OPT.
@@ -46,6 +65,7 @@ pub struct Caches {
     pub helpers: VersionedCache<crate::domain::helpers::HelperTree>,
     /// Artifact id (UUID) -> key: a self-checking hint for reads by id (see [`IdIndex`]).
     pub ids: IdIndex,
+    load_seconds: LoadHistograms,
     custom: std::sync::RwLock<std::collections::HashMap<String, Arc<dyn CustomGroup>>>,
 }
 
@@ -66,16 +86,33 @@ pub struct CacheReport {
 impl Caches {
     /// Builds every cache with its group's TTL.
     pub fn new(cfg: &CacheConfig) -> Self {
+        let load_seconds = LoadHistograms::new_with_constructor(load_histogram);
+        // Each cache records into its own series of the shared family.
+        fn cache<V: Send + Sync + 'static>(
+            family: &LoadHistograms,
+            name: &'static str,
+            ttl: crate::config::Ttl,
+        ) -> VersionedCache<V> {
+            VersionedCache::new(name, ttl)
+                .with_load_histogram(family.get_or_create_owned(&[("cache", name)]))
+        }
+        let f = &load_seconds;
         Caches {
-            opt: VersionedCache::new("opt", cfg.opt_ttl),
-            context: VersionedCache::new("context", cfg.fhir_connect_ttl),
-            all_contexts: VersionedCache::new("all_contexts", cfg.fhir_connect_ttl),
-            tenant: VersionedCache::new("tenant", cfg.tenant_ttl),
-            mapper: VersionedCache::new("mapper", cfg.fhir_connect_ttl),
-            helpers: VersionedCache::new("helpers", cfg.fhir_connect_ttl),
+            opt: cache(f, "opt", cfg.opt_ttl),
+            context: cache(f, "context", cfg.fhir_connect_ttl),
+            all_contexts: cache(f, "all_contexts", cfg.fhir_connect_ttl),
+            tenant: cache(f, "tenant", cfg.tenant_ttl),
+            mapper: cache(f, "mapper", cfg.fhir_connect_ttl),
+            helpers: cache(f, "helpers", cfg.fhir_connect_ttl),
             ids: IdIndex::default(),
+            load_seconds,
             custom: Default::default(),
         }
+    }
+
+    /// How long each cache's loads took (for `/metrics`).
+    pub fn load_histograms(&self) -> &LoadHistograms {
+        &self.load_seconds
     }
 
     /// Registers an application's cache group under `name` (the name given to

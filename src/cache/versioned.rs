@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use moka::notification::RemovalCause;
 use moka::ops::compute::Op;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 use crate::config::Ttl;
@@ -141,6 +142,8 @@ pub struct VersionedCache<V> {
     inner: Option<moka::future::Cache<String, Entry<V>>>,
     gens: Generations,
     stats: Arc<Stats>,
+    /// Seconds each load took (the `/metrics` histogram of this cache).
+    load_seconds: Histogram,
 }
 
 impl<V: Send + Sync + 'static> VersionedCache<V> {
@@ -170,7 +173,20 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
             inner,
             gens: Generations::new(),
             stats,
+            load_seconds: super::load_histogram(),
         }
+    }
+
+    /// Records load times in `h` (a series of a family shared by several caches) instead of a
+    /// histogram of its own.
+    pub fn with_load_histogram(mut self, h: Histogram) -> Self {
+        self.load_seconds = h;
+        self
+    }
+
+    /// How long its loads took, in seconds (every load, failed or not).
+    pub fn load_histogram(&self) -> &Histogram {
+        &self.load_seconds
     }
 
     /// The cache's name.
@@ -253,7 +269,9 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
         Fut: Future<Output = Result<V>>,
     {
         self.stats.loads.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let r = load().await;
+        self.load_seconds.observe(started.elapsed().as_secs_f64());
         // "Not found" is an answer, not a failure of the source.
         if matches!(&r, Err(e) if !matches!(e.root(), Error::NotFound { .. })) {
             self.stats.load_failures.fetch_add(1, Ordering::Relaxed);

@@ -206,6 +206,7 @@ impl Cluster {
                 seq,
                 log_position: log_position.and_then(|p| i64::try_from(p).ok()),
                 change: change.clone(),
+                at_unix_ms: Some(crate::invalidation::now_ms()),
             }),
         );
         let json: Arc<[u8]> = match env.encode() {

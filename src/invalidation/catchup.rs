@@ -67,10 +67,15 @@ impl Invalidation {
         }
         if first {
             self.apply(&row.change()).await;
+            // The peer channel timed its own delivery of this change.
+            if let (false, Some(at)) = (by_peer, row.created_unix_ms) {
+                self.record_delay(channel, at);
+            }
             match channel {
                 _ if by_peer => &self.stats.first_by_peer,
                 Channel::Notify => &self.stats.first_by_notify,
                 Channel::Catchup => &self.stats.first_by_catchup,
+                Channel::Peer => &self.stats.first_by_peer,
             }
             .fetch_add(1, Ordering::Relaxed);
         } else {
@@ -222,20 +227,29 @@ impl Invalidation {
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&from.to_string()];
         let rows = tx
             .query_raw(
-                "SELECT position, xid::text, cache_group, tenant, key, operation, origin \
+                "SELECT position, xid::text, cache_group, tenant, key, operation, origin, \
+                        (extract(epoch FROM created) * 1000)::bigint \
                  FROM openfhir_invalidation_log WHERE xid >= $1::text::xid8 ORDER BY position",
                 params,
             )
             .await?;
         let mut rows = std::pin::pin!(rows);
         let mut xids = BTreeSet::new();
+        let mut lag_ms = 0;
         while let Some(row) = rows.try_next().await? {
             report.read += 1;
             match log_row(&row) {
                 Ok(r) => {
                     xids.insert(r.xid);
+                    let applied_before = self.stats.first_by_catchup.load(Ordering::Relaxed);
                     if self.deliver(&r, Channel::Catchup).await {
                         report.applied += 1;
+                    }
+                    // Only a row this step applied itself shows how far behind the node was.
+                    let repaired =
+                        self.stats.first_by_catchup.load(Ordering::Relaxed) != applied_before;
+                    if let (true, Some(at)) = (repaired, r.created_unix_ms) {
+                        lag_ms = lag_ms.max(now_ms().saturating_sub(at));
                     }
                 }
                 Err(reason) => {
@@ -257,6 +271,7 @@ impl Invalidation {
         self.stats
             .last_step_repaired
             .store(report.applied, Ordering::Relaxed);
+        self.stats.last_step_lag_ms.store(lag_ms, Ordering::Relaxed);
         Ok(report)
     }
 

@@ -25,6 +25,9 @@ pub struct LogRow {
     pub operation: String,
     /// The node that wrote it, if a node did.
     pub origin: Option<String>,
+    /// When the row was written (the database's clock, milliseconds since the Unix epoch), if
+    /// known: a NOTIFY payload of schema version 5 or older does not say.
+    pub created_unix_ms: Option<u64>,
 }
 
 impl LogRow {
@@ -55,6 +58,9 @@ struct Payload {
     n: Option<String>,
     #[serde(default)]
     truncated: bool,
+    /// The row's `created`, in milliseconds since the Unix epoch (schema version 6 and later).
+    #[serde(default)]
+    c: Option<u64>,
 }
 
 /// What a NOTIFY payload said, or that it must be read from the log.
@@ -93,10 +99,12 @@ pub fn parse_payload(payload: &str) -> std::result::Result<Notification, String>
         key: p.k,
         operation: p.o,
         origin: p.n,
+        created_unix_ms: p.c,
     }))
 }
 
-/// Reads a row of `SELECT position, xid::text, cache_group, tenant, key, operation, origin`.
+/// Reads a row of `SELECT position, xid::text, cache_group, tenant, key, operation, origin`,
+/// optionally followed by the row's `created` in milliseconds since the Unix epoch (bigint).
 pub(crate) fn log_row(row: &tokio_postgres::Row) -> std::result::Result<LogRow, String> {
     let position: i64 = row.try_get(0).map_err(|e| e.to_string())?;
     let bad = |what: String| format!("log row {position}: {what}");
@@ -111,6 +119,13 @@ pub(crate) fn log_row(row: &tokio_postgres::Row) -> std::result::Result<LogRow, 
         key: row.try_get(4).map_err(|e| bad(e.to_string()))?,
         operation: row.try_get(5).map_err(|e| bad(e.to_string()))?,
         origin: row.try_get(6).map_err(|e| bad(e.to_string()))?,
+        created_unix_ms: if row.len() > 7 {
+            let ms: Option<i64> = row.try_get(7).map_err(|e| bad(e.to_string()))?;
+            // A clock before 1970 says nothing useful.
+            ms.and_then(|ms| u64::try_from(ms).ok())
+        } else {
+            None
+        },
     })
 }
 
@@ -125,9 +140,14 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (r.position, r.xid, r.key.as_deref()),
-            (7, 812, Some("growth_chart"))
+            (r.position, r.xid, r.key.as_deref(), r.created_unix_ms),
+            (7, 812, Some("growth_chart"), None)
         );
+        let stamped = r#"{"p":7,"x":"812","g":"opt","o":"UPDATE","c":1765000000123}"#;
+        let Notification::Row(r) = parse_payload(stamped).unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.created_unix_ms, Some(1_765_000_000_123));
         let cut = r#"{"p":8,"x":"813","g":"opt","o":"UPDATE","truncated":true}"#;
         assert_eq!(parse_payload(cut).unwrap(), Notification::ReadLog(8));
         for bad in [
@@ -138,6 +158,7 @@ mod tests {
             r#"{"p":1,"x":"abc","g":"opt","o":"UPDATE"}"#,
             r#"{"p":1,"x":"1","g":"opt","o":"MERGE"}"#,
             r#"{"p":1,"x":"1","g":"opt","o":"UPDATE","zz":1}"#,
+            r#"{"p":1,"x":"1","g":"opt","o":"UPDATE","c":-5}"#,
         ] {
             assert!(parse_payload(bad).is_err(), "{bad}");
         }

@@ -25,6 +25,8 @@ pub mod report;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::task::JoinHandle;
 
 pub use cursor::Cursor;
@@ -43,6 +45,23 @@ use crate::store::Db;
 /// Benchmarks use it to time propagation; it must be cheap and must not block.
 pub type ApplyHook = Arc<dyn Fn(&Change) + Send + Sync>;
 
+/// Upper bounds, in seconds, of the invalidation delay histogram's buckets: the peer channel and
+/// NOTIFY take milliseconds, catch-up up to its interval, an outage much longer.
+pub const DELAY_BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The channel label of a delay series: `channel="peer"`, `"notify"` or `"catchup"`.
+pub type ChannelLabel = [(&'static str, &'static str); 1];
+
+/// Invalidation delays by the channel that applied the change on this node (see
+/// [`Invalidation::record_delay`]).
+pub type DelayHistograms = Family<ChannelLabel, Histogram, fn() -> Histogram>;
+
+fn delay_histogram() -> Histogram {
+    Histogram::new(DELAY_BUCKETS)
+}
+
 /// A node's invalidation machinery: its caches, its database, the cursor over the log and the
 /// queue of its own notifications.
 pub struct Invalidation {
@@ -52,6 +71,7 @@ pub struct Invalidation {
     cursor: Mutex<Cursor>,
     step_lock: tokio::sync::Mutex<()>,
     stats: InvalidationStats,
+    delay: DelayHistograms,
     deferred: Arc<DeferredNotify>,
     /// `application_name` of the listener connection.
     listener_name: String,
@@ -65,7 +85,8 @@ impl std::fmt::Debug for Invalidation {
     }
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// The wall clock in milliseconds since the Unix epoch (0 if it is before it).
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -83,6 +104,7 @@ impl Invalidation {
             cursor: Mutex::default(),
             step_lock: tokio::sync::Mutex::new(()),
             stats: InvalidationStats::default(),
+            delay: DelayHistograms::new_with_constructor(delay_histogram),
             deferred,
             listener_name: listener_application_name(node_id),
         }
@@ -144,6 +166,22 @@ impl Invalidation {
         }
     }
 
+    /// Records how long a change took from its write to being applied here by `channel`:
+    /// `written_unix_ms` is the sender's clock when it announced the change after COMMIT (peer)
+    /// or the database's when the log row was written (NOTIFY, catch-up). The clocks of two
+    /// machines differ, so a negative delay is counted as 0.
+    pub fn record_delay(&self, channel: Channel, written_unix_ms: u64) {
+        let ms = now_ms().saturating_sub(written_unix_ms);
+        self.delay
+            .get_or_create(&[("channel", channel.as_str())])
+            .observe(ms as f64 / 1000.0);
+    }
+
+    /// The invalidation delays, by channel (for `/metrics`).
+    pub fn delay_histograms(&self) -> &DelayHistograms {
+        &self.delay
+    }
+
     /// Records a transaction a peer announced over the cluster channel.
     pub fn peer_delivered(&self, xid: u64) {
         self.cursor().peer_delivered(xid);
@@ -178,6 +216,7 @@ impl Invalidation {
             last_step_repaired: s.last_step_repaired.load(Ordering::Relaxed),
             pending_positions: pending,
             ms_since_last_catchup: (last > 0).then(|| now_ms().saturating_sub(last)),
+            last_step_lag_ms: s.last_step_lag_ms.load(Ordering::Relaxed),
             deferred_notify: self.deferred.report(),
         }
     }

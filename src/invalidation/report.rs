@@ -5,14 +5,28 @@ use std::sync::atomic::{AtomicU64, AtomicU8};
 
 use serde::Serialize;
 
-/// Which channel delivered an invalidation first.
+/// A channel that delivers invalidations to this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Channel {
     /// PostgreSQL LISTEN/NOTIFY.
     Notify,
     /// Replaying the log.
     Catchup,
+    /// A peer's message over the cluster channel.
+    Peer,
+}
+
+impl Channel {
+    /// Its name in `/metrics` labels: `notify`, `catchup`, `peer`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Notify => "notify",
+            Channel::Catchup => "catchup",
+            Channel::Peer => "peer",
+        }
+    }
 }
 
 /// State of the LISTEN connection.
@@ -58,6 +72,7 @@ pub struct InvalidationStats {
     pub(crate) log_head: AtomicU64,
     pub(crate) last_step_repaired: AtomicU64,
     pub(crate) last_step_unix_ms: AtomicU64,
+    pub(crate) last_step_lag_ms: AtomicU64,
 }
 
 /// What one catch-up step did.
@@ -119,6 +134,9 @@ pub struct InvalidationReport {
     pub pending_positions: usize,
     /// Milliseconds since the last successful step.
     pub ms_since_last_catchup: Option<u64>,
+    /// How far behind the log the last successful step found this node: the age, in
+    /// milliseconds, of the oldest row it had to apply itself (0 when it repaired nothing).
+    pub last_step_lag_ms: u64,
     /// NOTIFY of this node's own writes, sent after COMMIT (see [`super::deferred`]).
     pub deferred_notify: super::deferred::DeferredNotifyReport,
 }

@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_bootstrap.sql",
         sql: include_str!("../../sql/0005_bootstrap.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_notify_created.sql",
+        sql: include_str!("../../sql/0006_notify_created.sql"),
+    },
 ];
 
 /// The first schema version whose triggers leave NOTIFY to a node that sets

@@ -448,6 +448,7 @@ async fn an_unauthenticated_peer_cannot_inject_an_invalidation() {
                 tenant: None,
                 key: None,
             },
+            at_unix_ms: None,
         }),
     );
     let mut s = dial(a_addr).await;
@@ -499,6 +500,7 @@ async fn a_sequence_gap_makes_the_receiver_catch_up_from_the_database() {
                     tenant: "default".into(),
                     template_id: "nothing".into(),
                 },
+                at_unix_ms: None,
             }),
         );
         sealer.send(&mut s, &env).await.unwrap();

@@ -950,7 +950,8 @@ async fn the_migration_gives_existing_rows_ids_and_changes_nothing_else() {
         .unwrap()
         .get(0);
 
-    assert_eq!(migrate(&mut sql).await.unwrap(), [4, 5]);
+    let later: Vec<i32> = MIGRATIONS[3..].iter().map(|m| m.version).collect();
+    assert_eq!(migrate(&mut sql).await.unwrap(), later);
     assert_eq!(
         snapshot(&sql).await,
         before,

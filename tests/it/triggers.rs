@@ -409,7 +409,8 @@ async fn a_database_at_version_2_upgrades() {
     .unwrap();
     assert_eq!(current_version(&sql).await.unwrap(), Some(2));
 
-    assert_eq!(migrate(&mut sql).await.unwrap(), vec![3, 4, 5]);
+    let later: Vec<i32> = MIGRATIONS[2..].iter().map(|m| m.version).collect();
+    assert_eq!(migrate(&mut sql).await.unwrap(), later);
     assert_eq!(
         current_version(&sql).await.unwrap(),
         Some(MIGRATIONS.len() as i32)

@@ -161,6 +161,7 @@ proptest! {
             seq,
             log_position: pos,
             change: Change::Context { tenant, template_id: key },
+            at_unix_ms: Some(seq),
         }));
         prop_assert_eq!(Envelope::decode(&env.encode().unwrap(), "prod").unwrap(), env);
     }

@@ -260,6 +260,9 @@ async fn receive(
                     st.members.invalidation_seq(&peer.node_id, inv.seq)
                 };
                 ctx.inv.apply(&inv.change).await;
+                if let Some(at) = inv.at_unix_ms {
+                    ctx.inv.record_delay(crate::invalidation::Channel::Peer, at);
+                }
                 if let Some(xid) = inv.log_position.and_then(|p| u64::try_from(p).ok()) {
                     ctx.inv.peer_delivered(xid);
                 }

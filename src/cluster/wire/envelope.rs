@@ -129,6 +129,7 @@ mod tests {
                 tenant: "default".into(),
                 template_id: "growth_chart".into(),
             },
+            at_unix_ms: Some(1_765_000_000_000),
         })
     }
 

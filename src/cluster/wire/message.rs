@@ -120,6 +120,11 @@ pub struct Invalidate {
     pub log_position: Option<i64>,
     /// What changed; applied through [`crate::cache::targets`].
     pub change: Change,
+    /// The origin's wall clock when it sent the change (after COMMIT), in milliseconds since the
+    /// Unix epoch: the receiver times the delivery with it. Optional, so a frame without it
+    /// (from a build before this field) still decodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix_ms: Option<u64>,
 }
 
 /// "I am alive", with the origin's latest broadcast sequence number so gaps can be detected.
