@@ -15,14 +15,13 @@
 //! The interpreter is `$TEST_PYTHON`, else the first of `/usr/bin/python3` and `python3` that
 //! can import the parsers; without one the test fails and says how to install it.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
-use common::pg::TestDb;
-use common::{opt_xml, spawn_url, unique_tag, wait_for, TestApp};
+use crate::common;
+use crate::common::pg::TestDb;
+use crate::common::{opt_xml, spawn_url, unique_tag, wait_for, TestApp};
 use openfhir_cache::cluster::{self, Identity, RejectReason};
 use openfhir_cache::invalidation::ListenerState;
 use serde::Deserialize;
