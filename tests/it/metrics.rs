@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
-use crate::common;
 use crate::common::pg::TestDb;
 use crate::common::{opt_xml, spawn_url, unique_tag, wait_for, TestApp};
 use openfhir_cache::cluster::{self, Identity, RejectReason};
