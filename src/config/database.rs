@@ -270,51 +270,22 @@ fn decode(s: &str) -> Result<String, String> {
         .map_err(|_| "a URL parameter is not UTF-8 once percent-decoded".to_string())
 }
 
-/// libpq `key = value` pairs: values bare or single-quoted with `\` escapes. The others are
-/// written back quoted, which tokio-postgres reads the same.
+/// libpq `key = value` pairs ([`super::libpq`]): the TLS ones are taken out, the others written
+/// back quoted, which tokio-postgres reads the same.
 fn split_key_values(s: &str) -> Result<Split, String> {
     let mut kept = Vec::new();
     let mut tls = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            break;
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next_if_eq(&'=').is_none() {
+    for super::libpq::Pair { key, value } in super::libpq::pairs(s) {
+        let Some(value) = value else {
             return Err(format!("{key:?} has no `=value`"));
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            let mut closed = false;
-            while let Some(c) = chars.next() {
-                match c {
-                    '\\' => value.extend(chars.next()),
-                    '\'' => {
-                        closed = true;
-                        break;
-                    }
-                    c => value.push(c),
-                }
-            }
-            if !closed {
-                return Err(format!("the value of {key} has no closing quote"));
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                value.push(c);
-            }
+        };
+        if !value.closed {
+            return Err(format!("the value of {key} has no closing quote"));
         }
         if TLS_KEYS.contains(&key.as_str()) {
-            tls.push((key, value));
+            tls.push((key, value.text));
         } else {
-            let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
+            let quoted = value.text.replace('\\', "\\\\").replace('\'', "\\'");
             kept.push(format!("{key}='{quoted}'"));
         }
     }

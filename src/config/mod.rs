@@ -17,6 +17,7 @@
 //! * this module: the validated [`Config`] and its sections, and [`Config::from_sources`].
 
 mod database;
+mod libpq;
 mod secret;
 mod source;
 mod values;

@@ -122,45 +122,15 @@ fn mask_unparsable_url(rest: &str) -> String {
     format!("{authority}{tail}")
 }
 
-/// libpq `key = value` syntax: values are bare words or single-quoted with `\` escapes.
+/// libpq `key = value` syntax ([`super::libpq`]): every pair as written, the password masked.
 fn mask_key_values(raw: &str) -> String {
-    let mut out = Vec::new();
-    let mut chars = raw.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            break;
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next_if_eq(&'=').is_none() {
-            out.push(key);
-            continue;
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            value.push('\'');
-            while let Some(c) = chars.next() {
-                value.push(c);
-                match c {
-                    '\\' => value.extend(chars.next()),
-                    '\'' => break,
-                    _ => {}
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                value.push(c);
-            }
-        }
-        if key.eq_ignore_ascii_case("password") {
-            value = "***".to_string();
-        }
-        out.push(format!("{key}={value}"));
-    }
-    out.join(" ")
+    super::libpq::pairs(raw)
+        .into_iter()
+        .map(|p| match p.value {
+            None => p.key,
+            Some(_) if p.key.eq_ignore_ascii_case("password") => format!("{}=***", p.key),
+            Some(v) => format!("{}={}", p.key, v.raw),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
