@@ -19,6 +19,7 @@ use axum::Router;
 use openfhir_cache::api::{self, AppState, TENANT_HEADER, TOKEN_HEADER};
 use openfhir_cache::bootstrap::Progress;
 use openfhir_cache::domain::Tenant;
+use openfhir_cache::node::Put;
 use openfhir_cache::{Config, Node};
 use serde_json::{json, Value};
 use tower::ServiceExt;
@@ -771,6 +772,54 @@ async fn malformed_documents_are_400_before_the_database() {
     )
     .await
     .database_unavailable();
+}
+
+/// One OPT header parse, with its template id check, on every way an OPT is stored: POST /opt,
+/// PUT /opt/{id} (by id, by key, and to a path that names nothing) and the Node API the bootstrap
+/// directory uses. Each refuses before the database (which is not there).
+#[tokio::test]
+async fn an_invalid_template_id_is_refused_on_every_opt_upload_path() {
+    let (app, node) = api();
+    with_default_tenant(&node).await;
+    let rule = "must be 1-512 characters without control characters";
+    for id in [
+        "x".repeat(513),
+        "line\nbreak".to_string(),
+        "tab\there".to_string(),
+    ] {
+        let xml = opt_xml(&id, "1");
+        for (method, path) in [
+            (Method::POST, "/opt".to_string()),
+            (
+                Method::PUT,
+                "/opt/7d3c2a8e-5b1f-4c39-9e4a-2f6b8d0c1e5a".to_string(),
+            ),
+            (Method::PUT, "/opt/growth_chart".to_string()),
+            (Method::PUT, "/opt/nothing-here".to_string()),
+        ] {
+            let messages = send(
+                &app,
+                upload(method.clone(), &path, "application/xml", xml.clone()),
+            )
+            .await
+            .messages();
+            assert!(
+                messages.len() == 1 && messages[0].contains(rule),
+                "{method} {path} ({} chars): {messages:?}",
+                id.len()
+            );
+        }
+        for put in [Put::Create, Put::Upsert, Put::At("growth_chart")] {
+            match node.put_opt("default", &xml, put).await {
+                Err(openfhir_cache::Error::Invalid { message, details }) => assert!(
+                    message.contains("template id") && details.iter().any(|d| d.contains(rule)),
+                    "{message}: {details:?}"
+                ),
+                Err(e) => panic!("Node::put_opt: {e}"),
+                Ok(_) => panic!("Node::put_opt stored an invalid template id"),
+            }
+        }
+    }
 }
 
 #[tokio::test]
