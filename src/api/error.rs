@@ -16,6 +16,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// Adds one line to the error's details.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.details.push(detail.into());
+        self
+    }
+
     /// An error with a status, a message and details.
     pub fn new(status: StatusCode, error: impl Into<String>, details: Vec<String>) -> Self {
         ApiError {

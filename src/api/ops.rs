@@ -80,8 +80,17 @@ pub async fn evict(
         tenant: req.tenant,
         key: req.key.as_deref().map(domain::normalize_template_id),
     };
-    let n = node.evict(&change).await;
-    Ok(Json(json!({ "evicted": n, "change": change })).into_response())
+    match node.evict(&change).await {
+        Ok(n) => Ok(Json(json!({ "evicted": n, "change": change })).into_response()),
+        Err(e) => {
+            // The eviction did happen here and on the connected peers; say what is missing.
+            Err(ApiError::from(e).with_detail(
+                "the eviction was applied on this node and sent to the connected peers, but not \
+                 recorded in the invalidation log: a peer that missed the broadcast keeps its \
+                 entries; retry the eviction",
+            ))
+        }
+    }
 }
 
 pub async fn live() -> Json<serde_json::Value> {

@@ -224,7 +224,30 @@ pub fn targets(change: &Change) -> Vec<(CacheName, Scope)> {
     }
 }
 
+/// The `operation` of a log row that records an operator's eviction (`POST /caches/evict`).
+pub const EVICT_OPERATION: &str = "EVICT";
+
+/// The `cache_group` of an eviction log row that names no group (every group).
+const EVICT_ALL: &str = "all";
+
 impl Change {
+    /// The log row (`cache_group`, `tenant`, `key`) that records this change when it is an
+    /// operator's eviction ([`Change::Evict`]), written with operation [`EVICT_OPERATION`];
+    /// `None` for the other changes, which their triggers record.
+    /// [`Change::from_log`] reads the row back into the same change.
+    pub fn eviction_row(&self) -> Option<(&'static str, Option<&str>, Option<&str>)> {
+        let Change::Evict { group, tenant, key } = self else {
+            return None;
+        };
+        let group = match group {
+            None => EVICT_ALL,
+            Some(Group::Opt) => "opt",
+            Some(Group::FhirConnect) => "fhir_connect",
+            Some(Group::Tenant) => "tenant",
+        };
+        Some((group, tenant.as_deref(), key.as_deref()))
+    }
+
     /// The change a row of `openfhir_invalidation_log` (or its NOTIFY payload) describes.
     /// A row without a tenant is a TRUNCATE: a flush of the group.
     pub fn from_log(
@@ -234,6 +257,21 @@ impl Change {
         operation: &str,
     ) -> Change {
         let owned = |s: &str| s.to_string();
+        if operation == EVICT_OPERATION {
+            // A group this release does not know is read as every group: evicting too much costs
+            // reloads, evicting too little would leave stale entries.
+            let group = match group {
+                "opt" => Some(Group::Opt),
+                "fhir_connect" => Some(Group::FhirConnect),
+                "tenant" => Some(Group::Tenant),
+                _ => None,
+            };
+            return Change::Evict {
+                group,
+                tenant: tenant.map(owned),
+                key: key.filter(|_| tenant.is_some()).map(owned),
+            };
+        }
         match (group, tenant, key) {
             ("opt", Some(t), Some(k)) => Change::Opt {
                 tenant: owned(t),
@@ -414,5 +452,46 @@ mod tests {
             Change::from_log("mine", Some("a"), Some("k"), "INSERT"),
             Change::Custom { .. }
         ));
+    }
+
+    #[test]
+    fn operator_evictions_round_trip_through_the_log() {
+        let groups = [
+            None,
+            Some(Group::Opt),
+            Some(Group::FhirConnect),
+            Some(Group::Tenant),
+        ];
+        let scopes = [(None, None), (Some("a"), None), (Some("a"), Some("t"))];
+        for group in groups {
+            for (tenant, key) in scopes {
+                let c = Change::Evict {
+                    group,
+                    tenant: tenant.map(Into::into),
+                    key: key.map(Into::into),
+                };
+                let (g, t, k) = c.eviction_row().expect("an eviction has a log row");
+                assert_eq!(
+                    Change::from_log(g, t, k, EVICT_OPERATION),
+                    c,
+                    "{g} {t:?} {k:?}"
+                );
+            }
+        }
+        // Only evictions are written by the node; the triggers record the rest.
+        let opt = Change::Opt {
+            tenant: "a".into(),
+            template_id: "t".into(),
+        };
+        assert_eq!(opt.eviction_row(), None);
+        // A group a later release might add is read as every group, never as none.
+        assert_eq!(
+            Change::from_log("future", Some("a"), None, EVICT_OPERATION),
+            Change::Evict {
+                group: None,
+                tenant: Some("a".into()),
+                key: None
+            }
+        );
     }
 }

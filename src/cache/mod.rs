@@ -17,11 +17,12 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
-pub use change::{targets, CacheName, Change, Group, Scope};
+pub use change::{targets, CacheName, Change, Group, Scope, EVICT_OPERATION};
 pub use ids::IdIndex;
-pub use versioned::{cache_key, StatsSnapshot, VersionedCache};
+pub use versioned::{cache_key, Bound, StatsSnapshot, VersionedCache};
 
 use crate::config::CacheConfig;
+use crate::domain::footprint::Footprint;
 use crate::domain::{FcDocument, FcList, OptDocument, Tenant};
 
 /// A cache group of an embedding application, invalidated like the built-in ones by changes to
@@ -48,6 +49,10 @@ pub type CacheLabel = [(&'static str, &'static str); 1];
 
 /// Load times of every cache of the node, one histogram per `cache` label.
 pub type LoadHistograms = Family<CacheLabel, Histogram, fn() -> Histogram>;
+
+/// How many caches share `OPENFHIR_CACHE_FHIR_CONNECT_MAX_BYTES` (context, all-contexts, mapper,
+/// helpers): each holds at most its even share, so the group as a whole stays within the bound.
+pub const FHIR_CONNECT_CACHES: u64 = 4;
 
 /// Every cache of the node.
 pub struct Caches {
@@ -78,32 +83,46 @@ pub struct CacheReport {
     pub group: Group,
     /// TTL as configured (-1, 0 or seconds).
     pub ttl: i64,
+    /// Size bound: `"unbounded"`, `{"max_bytes": N}` or `{"max_entries": N}`.
+    pub bound: Bound,
     /// Counters.
     #[serde(flatten)]
     pub stats: StatsSnapshot,
 }
 
 impl Caches {
-    /// Builds every cache with its group's TTL.
+    /// Builds every cache with its group's TTL and size bound. The FHIR Connect group's byte
+    /// bound is split evenly over its four caches (see [`FHIR_CONNECT_CACHES`]).
     pub fn new(cfg: &CacheConfig) -> Self {
         let load_seconds = LoadHistograms::new_with_constructor(load_histogram);
         // Each cache records into its own series of the shared family.
-        fn cache<V: Send + Sync + 'static>(
+        fn cache<V: Footprint + Send + Sync + 'static>(
             family: &LoadHistograms,
             name: &'static str,
             ttl: crate::config::Ttl,
+            bound: Bound,
         ) -> VersionedCache<V> {
-            VersionedCache::new(name, ttl)
+            VersionedCache::bounded(name, ttl, bound, crate::domain::footprint::charged::<V>)
                 .with_load_histogram(family.get_or_create_owned(&[("cache", name)]))
         }
+        let bytes = |max: Option<u64>, share: u64| match max {
+            Some(n) => Bound::MaxBytes((n / share).max(1)),
+            None => Bound::Unbounded,
+        };
+        let opt = bytes(cfg.opt_max_bytes, 1);
+        let fc = bytes(cfg.fhir_connect_max_bytes, FHIR_CONNECT_CACHES);
+        let tenant = match cfg.tenant_max_entries {
+            Some(n) => Bound::MaxEntries(n),
+            None => Bound::Unbounded,
+        };
         let f = &load_seconds;
         Caches {
-            opt: cache(f, "opt", cfg.opt_ttl),
-            context: cache(f, "context", cfg.fhir_connect_ttl),
-            all_contexts: cache(f, "all_contexts", cfg.fhir_connect_ttl),
-            tenant: cache(f, "tenant", cfg.tenant_ttl),
-            mapper: cache(f, "mapper", cfg.fhir_connect_ttl),
-            helpers: cache(f, "helpers", cfg.fhir_connect_ttl),
+            opt: cache(f, "opt", cfg.opt_ttl, opt),
+            context: cache(f, "context", cfg.fhir_connect_ttl, fc),
+            all_contexts: cache(f, "all_contexts", cfg.fhir_connect_ttl, fc),
+            tenant: cache(f, "tenant", cfg.tenant_ttl, tenant),
+            mapper: cache(f, "mapper", cfg.fhir_connect_ttl, fc),
+            helpers: cache(f, "helpers", cfg.fhir_connect_ttl, fc),
             ids: IdIndex::default(),
             load_seconds,
             custom: Default::default(),
@@ -215,20 +234,39 @@ impl Caches {
     pub async fn report(&self) -> Vec<CacheReport> {
         let mut out = Vec::with_capacity(CacheName::ALL.len());
         for cache in CacheName::ALL {
-            let (ttl, stats) = match cache {
-                CacheName::Opt => (self.opt.ttl(), self.opt.stats().await),
-                CacheName::Context => (self.context.ttl(), self.context.stats().await),
-                CacheName::AllContexts => {
-                    (self.all_contexts.ttl(), self.all_contexts.stats().await)
-                }
-                CacheName::Tenant => (self.tenant.ttl(), self.tenant.stats().await),
-                CacheName::Mapper => (self.mapper.ttl(), self.mapper.stats().await),
-                CacheName::Helpers => (self.helpers.ttl(), self.helpers.stats().await),
+            let (ttl, bound, stats) = match cache {
+                CacheName::Opt => (self.opt.ttl(), self.opt.bound(), self.opt.stats().await),
+                CacheName::Context => (
+                    self.context.ttl(),
+                    self.context.bound(),
+                    self.context.stats().await,
+                ),
+                CacheName::AllContexts => (
+                    self.all_contexts.ttl(),
+                    self.all_contexts.bound(),
+                    self.all_contexts.stats().await,
+                ),
+                CacheName::Tenant => (
+                    self.tenant.ttl(),
+                    self.tenant.bound(),
+                    self.tenant.stats().await,
+                ),
+                CacheName::Mapper => (
+                    self.mapper.ttl(),
+                    self.mapper.bound(),
+                    self.mapper.stats().await,
+                ),
+                CacheName::Helpers => (
+                    self.helpers.ttl(),
+                    self.helpers.bound(),
+                    self.helpers.stats().await,
+                ),
             };
             out.push(CacheReport {
                 cache,
                 group: cache.group(),
                 ttl: ttl.as_i64(),
+                bound,
                 stats,
             });
         }

@@ -31,7 +31,27 @@ pub struct Stats {
     load_failures: AtomicU64,
     evictions: AtomicU64,
     expirations: AtomicU64,
+    size_evictions: AtomicU64,
 }
+
+/// How much one cache may hold (`OPENFHIR_CACHE_*_MAX_BYTES`, `OPENFHIR_CACHE_TENANT_MAX_ENTRIES`).
+///
+/// When full, moka evicts the entries least likely to be read again (TinyLFU), and may decline
+/// to keep a new entry that is read less often than those it would displace; either way the
+/// read is answered, only the memory is not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    /// No bound: the cache grows with every key read (until its TTL, if any, expires entries).
+    Unbounded,
+    /// At most this many entries.
+    MaxEntries(u64),
+    /// At most this many bytes, by each entry's estimated footprint (see [`crate::domain::footprint`]).
+    MaxBytes(u64),
+}
+
+/// Bytes charged per entry on top of its value: the key, moka's entry and our stamp.
+const ENTRY_OVERHEAD: usize = 160;
 
 /// A point-in-time copy of the cache's statistics plus the entry count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -50,6 +70,11 @@ pub struct StatsSnapshot {
     pub evictions: u64,
     /// Entries removed because their TTL ran out.
     pub expirations: u64,
+    /// Entries removed (or not kept) because the cache was full ([`Bound`]).
+    pub size_evictions: u64,
+    /// What the entries weigh against the bound: estimated bytes under [`Bound::MaxBytes`], the
+    /// entry count otherwise.
+    pub weight: u64,
 }
 
 /// Where an entry's validity is recorded: its key stripe, its tenant stripe and the cache epoch.
@@ -140,6 +165,7 @@ pub struct VersionedCache<V> {
     name: &'static str,
     ttl: Ttl,
     inner: Option<moka::future::Cache<String, Entry<V>>>,
+    bound: Bound,
     gens: Generations,
     stats: Arc<Stats>,
     /// Seconds each load took (the `/metrics` histogram of this cache).
@@ -147,8 +173,14 @@ pub struct VersionedCache<V> {
 }
 
 impl<V: Send + Sync + 'static> VersionedCache<V> {
-    /// A cache named `name` (for statistics) with the given TTL.
+    /// A cache named `name` (for statistics) with the given TTL and no size bound.
     pub fn new(name: &'static str, ttl: Ttl) -> Self {
+        Self::bounded(name, ttl, Bound::Unbounded, |_| 0)
+    }
+
+    /// A cache named `name` with the given TTL that holds at most `bound`; under
+    /// [`Bound::MaxBytes`], `weigh` says how many bytes a value keeps alive.
+    pub fn bounded(name: &'static str, ttl: Ttl, bound: Bound, weigh: fn(&V) -> usize) -> Self {
         let stats = Arc::new(Stats::default());
         let inner = match ttl {
             Ttl::Disabled => None,
@@ -156,11 +188,27 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
                 let listener_stats = stats.clone();
                 let mut builder = moka::future::Cache::builder().eviction_listener(
                     move |_k: Arc<String>, _v: Entry<V>, cause: RemovalCause| {
-                        if cause == RemovalCause::Expired {
-                            listener_stats.expirations.fetch_add(1, Ordering::Relaxed);
-                        }
+                        let counter = match cause {
+                            RemovalCause::Expired => &listener_stats.expirations,
+                            RemovalCause::Size => &listener_stats.size_evictions,
+                            _ => return,
+                        };
+                        counter.fetch_add(1, Ordering::Relaxed);
                     },
                 );
+                match bound {
+                    Bound::Unbounded => {}
+                    Bound::MaxEntries(n) => builder = builder.max_capacity(n),
+                    Bound::MaxBytes(n) => {
+                        builder =
+                            builder
+                                .max_capacity(n)
+                                .weigher(move |k: &String, e: &Entry<V>| {
+                                    let w = ENTRY_OVERHEAD + k.capacity() + weigh(&e.value);
+                                    u32::try_from(w).unwrap_or(u32::MAX)
+                                })
+                    }
+                }
                 if let Some(d) = ttl.duration() {
                     builder = builder.time_to_live(d);
                 }
@@ -171,6 +219,7 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
             name,
             ttl,
             inner,
+            bound,
             gens: Generations::new(),
             stats,
             load_seconds: super::load_histogram(),
@@ -197,6 +246,11 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
     /// The cache's TTL.
     pub fn ttl(&self) -> Ttl {
         self.ttl
+    }
+
+    /// The cache's size bound.
+    pub fn bound(&self) -> Bound {
+        self.bound
     }
 
     fn slots(tenant: &str, key: &str) -> Slots {
@@ -372,12 +426,17 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
 
     /// Current statistics. Runs moka's pending maintenance first so counts are up to date.
     pub async fn stats(&self) -> StatsSnapshot {
-        let entries = match &self.inner {
+        let (entries, weight) = match &self.inner {
             Some(inner) => {
                 inner.run_pending_tasks().await;
-                inner.entry_count()
+                let entries = inner.entry_count();
+                let weight = match self.bound {
+                    Bound::MaxBytes(_) => inner.weighted_size(),
+                    _ => entries,
+                };
+                (entries, weight)
             }
-            None => 0,
+            None => (0, 0),
         };
         let s = &self.stats;
         StatsSnapshot {
@@ -388,130 +447,11 @@ impl<V: Send + Sync + 'static> VersionedCache<V> {
             load_failures: s.load_failures.load(Ordering::Relaxed),
             evictions: s.evictions.load(Ordering::Relaxed),
             expirations: s.expirations.load(Ordering::Relaxed),
+            size_evictions: s.size_evictions.load(Ordering::Relaxed),
+            weight,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
-    use tokio::sync::{Barrier, Notify};
-
-    #[tokio::test]
-    async fn hit_after_load_and_eviction_reloads() {
-        let c = VersionedCache::<u32>::new("t", Ttl::Infinite);
-        let n = AtomicUsize::new(0);
-        let load = || async { Ok(n.fetch_add(1, Ordering::SeqCst) as u32) };
-        assert_eq!(*c.get_or_load("a", Some("k"), load).await.unwrap(), 0);
-        assert_eq!(*c.get_or_load("a", Some("k"), load).await.unwrap(), 0);
-        c.evict_key("a", Some("k")).await;
-        assert_eq!(*c.get_or_load("a", Some("k"), load).await.unwrap(), 1);
-        c.evict_tenant("a").await;
-        assert_eq!(*c.get_or_load("a", Some("k"), load).await.unwrap(), 2);
-        c.evict_all().await;
-        assert_eq!(*c.get_or_load("a", Some("k"), load).await.unwrap(), 3);
-        let s = c.stats().await;
-        assert_eq!(
-            (s.hits, s.misses, s.loads, s.evictions, s.entries),
-            (1, 4, 4, 3, 1)
-        );
-    }
-
-    #[tokio::test]
-    async fn disabled_cache_always_loads() {
-        let c = VersionedCache::<u32>::new("t", Ttl::Disabled);
-        let n = AtomicUsize::new(0);
-        for i in 0..3 {
-            let v = c.get_or_load("a", None, || async {
-                Ok(n.fetch_add(1, Ordering::SeqCst) as u32)
-            });
-            assert_eq!(*v.await.unwrap(), i);
-        }
-        assert_eq!(c.stats().await.entries, 0);
-    }
-
-    #[tokio::test]
-    async fn failures_are_not_cached() {
-        let c = VersionedCache::<u32>::new("t", Ttl::Infinite);
-        let r = c
-            .get_or_load("a", None, || async { Err(Error::Conflict("down".into())) })
-            .await;
-        assert!(r.is_err());
-        assert_eq!(
-            *c.get_or_load("a", None, || async { Ok(7) }).await.unwrap(),
-            7
-        );
-        assert_eq!(c.stats().await.load_failures, 1);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn concurrent_misses_load_once() {
-        let c = Arc::new(VersionedCache::<u32>::new("t", Ttl::Infinite));
-        let loads = Arc::new(AtomicUsize::new(0));
-        let barrier = Arc::new(Barrier::new(200));
-        let tasks: Vec<_> = (0..200)
-            .map(|_| {
-                let (c, loads, barrier) = (c.clone(), loads.clone(), barrier.clone());
-                tokio::spawn(async move {
-                    barrier.wait().await;
-                    c.get_or_load("a", Some("k"), || async {
-                        loads.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        Ok(42)
-                    })
-                    .await
-                })
-            })
-            .collect();
-        for t in tasks {
-            assert_eq!(*t.await.unwrap().unwrap(), 42);
-        }
-        assert_eq!(loads.load(Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn eviction_during_load_wins() {
-        let c = Arc::new(VersionedCache::<&'static str>::new("t", Ttl::Infinite));
-        let source = Arc::new(std::sync::Mutex::new("old"));
-        let (read_done, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-        let first_call = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let slow = {
-            let (c, source, read_done, release) = (
-                c.clone(),
-                source.clone(),
-                read_done.clone(),
-                release.clone(),
-            );
-            tokio::spawn(async move {
-                c.get_or_load("a", Some("k"), || {
-                    let (source, read_done, release) =
-                        (source.clone(), read_done.clone(), release.clone());
-                    let pause = first_call.swap(false, Ordering::SeqCst);
-                    async move {
-                        let v = *source.lock().unwrap();
-                        if pause {
-                            read_done.notify_one();
-                            release.notified().await;
-                        }
-                        Ok(v)
-                    }
-                })
-                .await
-            })
-        };
-        read_done.notified().await;
-        *source.lock().unwrap() = "new";
-        c.evict_key("a", Some("k")).await;
-        release.notify_one();
-        // The paused load read "old" before the eviction; its caller retries and sees "new".
-        let first = slow.await.unwrap().unwrap();
-        assert_eq!(*first, "new");
-        let next = c
-            .get_or_load("a", Some("k"), || async { Ok(*source.lock().unwrap()) })
-            .await
-            .unwrap();
-        assert_eq!(*next, "new");
-    }
-}
+mod tests;

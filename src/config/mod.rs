@@ -38,7 +38,7 @@ pub use values::{parse_initial_hosts, Discovery, HostPort, LogFormat, Ttl};
 pub use vars::{Var, VARS};
 
 use source::{defaults, EnvVars, Raw};
-use values::{non_empty, parse_bool, parse_cluster_name, parse_range};
+use values::{non_empty, parse_bool, parse_bound, parse_cluster_name, parse_range};
 
 /// openFHIR's default bootstrap directory (`openfhir.bootstrap.dir`).
 pub const DEFAULT_BOOTSTRAP_DIR: &str = "/app/bootstrap/";
@@ -73,7 +73,11 @@ pub enum ConfigError {
     },
 }
 
-/// The cache group TTLs.
+/// The smallest byte bound a cache group accepts (1 MiB): below it a single typical OPT or
+/// compiled mapper would not fit and the cache would keep nothing.
+pub const MIN_CACHE_BYTES: u64 = 1 << 20;
+
+/// The cache groups' TTLs and size bounds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CacheConfig {
     /// `OPENFHIR_CACHE_OPT_TTL`.
@@ -82,6 +86,13 @@ pub struct CacheConfig {
     pub fhir_connect_ttl: Ttl,
     /// `OPENFHIR_CACHE_TENANT_TTL`.
     pub tenant_ttl: Ttl,
+    /// `OPENFHIR_CACHE_OPT_MAX_BYTES`; `None` (`-1`) = no bound.
+    pub opt_max_bytes: Option<u64>,
+    /// `OPENFHIR_CACHE_FHIR_CONNECT_MAX_BYTES` (the four caches of the group together); `None`
+    /// (`-1`) = no bound.
+    pub fhir_connect_max_bytes: Option<u64>,
+    /// `OPENFHIR_CACHE_TENANT_MAX_ENTRIES`; `None` (`-1`) = no bound.
+    pub tenant_max_entries: Option<u64>,
 }
 
 /// Peer cluster settings.
@@ -264,6 +275,15 @@ impl Config {
             opt_ttl: raw.parse("cache.opt_ttl", Ttl::from_str)?,
             fhir_connect_ttl: raw.parse("cache.fhir_connect_ttl", Ttl::from_str)?,
             tenant_ttl: raw.parse("cache.tenant_ttl", Ttl::from_str)?,
+            opt_max_bytes: raw.parse("cache.opt_max_bytes", |s| {
+                parse_bound(s, MIN_CACHE_BYTES, "a number of bytes")
+            })?,
+            fhir_connect_max_bytes: raw.parse("cache.fhir_connect_max_bytes", |s| {
+                parse_bound(s, MIN_CACHE_BYTES, "a number of bytes")
+            })?,
+            tenant_max_entries: raw.parse("cache.tenant_max_entries", |s| {
+                parse_bound(s, 1, "a number of entries")
+            })?,
         };
         let cluster = ClusterConfig {
             discovery: raw.parse("cluster.discovery", Discovery::from_str)?,

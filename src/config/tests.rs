@@ -24,6 +24,9 @@ fn defaults_match_the_seeds() {
     assert_eq!(c.http.addr, "0.0.0.0:8080".parse().unwrap());
     assert_eq!(c.http.max_body_bytes, 16 * 1024 * 1024);
     assert_eq!(c.http.max_fc_body_bytes, 128 * 1024);
+    assert_eq!(c.cache.opt_max_bytes, Some(256 << 20));
+    assert_eq!(c.cache.fhir_connect_max_bytes, Some(256 << 20));
+    assert_eq!(c.cache.tenant_max_entries, Some(10_000));
     assert_eq!(
         c.database.url.expose(),
         "postgres://postgres@127.0.0.1:5432/postgres"
@@ -151,6 +154,9 @@ fn other_values() {
         ("OPENFHIR_HTTP_ADDR", "localhost"),
         ("OPENFHIR_DB_POOL_SIZE", "0"),
         ("OPENFHIR_MAX_BODY_BYTES", "16MiB"),
+        ("OPENFHIR_CACHE_OPT_MAX_BYTES", "1000"),
+        ("OPENFHIR_CACHE_FHIR_CONNECT_MAX_BYTES", "-2"),
+        ("OPENFHIR_CACHE_TENANT_MAX_ENTRIES", "0"),
         ("OPENFHIR_LOG_FORMAT", "xml"),
         ("DATABASE_URL", "mysql://x"),
     ] {
@@ -271,4 +277,21 @@ fn every_password_form_is_masked() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("DATABASE_URL") && !e.contains("pw1"), "{e}");
+}
+
+#[test]
+fn cache_bounds_take_minus_one_for_none() {
+    let c = with(&[
+        ("OPENFHIR_CACHE_OPT_MAX_BYTES", "-1"),
+        ("OPENFHIR_CACHE_FHIR_CONNECT_MAX_BYTES", "1048576"),
+        ("OPENFHIR_CACHE_TENANT_MAX_ENTRIES", "3"),
+    ])
+    .unwrap();
+    assert_eq!(c.cache.opt_max_bytes, None);
+    assert_eq!(c.cache.fhir_connect_max_bytes, Some(1 << 20));
+    assert_eq!(c.cache.tenant_max_entries, Some(3));
+    let e = with(&[("OPENFHIR_CACHE_OPT_MAX_BYTES", "1000")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("at least 1048576"), "{e}");
 }

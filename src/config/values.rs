@@ -234,6 +234,19 @@ pub(super) fn non_empty(s: &str) -> Option<String> {
     (!t.is_empty()).then(|| t.to_string())
 }
 
+/// A cache size bound: `-1` for none, else a whole number of at least `min`.
+pub(super) fn parse_bound(s: &str, min: u64, what: &str) -> Result<Option<u64>, String> {
+    match s.trim() {
+        "-1" => Ok(None),
+        t => match t.parse::<u64>() {
+            Ok(n) if n >= min => Ok(Some(n)),
+            _ => Err(format!(
+                "expected -1 (no bound) or {what} of at least {min}"
+            )),
+        },
+    }
+}
+
 pub(super) fn parse_range(s: &str, min: usize, max: usize, what: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),

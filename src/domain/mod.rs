@@ -2,6 +2,7 @@
 
 pub mod fc_model;
 pub mod fhir_connect;
+pub mod footprint;
 pub mod helpers;
 pub mod mapper;
 pub mod opt;

@@ -21,7 +21,7 @@ pub struct LogRow {
     pub tenant: Option<String>,
     /// Key, `None` for a TRUNCATE or a tenant row.
     pub key: Option<String>,
-    /// INSERT, UPDATE, DELETE or TRUNCATE.
+    /// INSERT, UPDATE, DELETE, TRUNCATE, or EVICT (an operator's eviction, written by a node).
     pub operation: String,
     /// The node that wrote it, if a node did.
     pub origin: Option<String>,
@@ -85,7 +85,10 @@ pub fn parse_payload(payload: &str) -> std::result::Result<Notification, String>
     let xid =
         p.x.parse::<u64>()
             .map_err(|_| format!("xid {:?} is not a transaction id", p.x))?;
-    if !matches!(p.o.as_str(), "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE") {
+    if !matches!(
+        p.o.as_str(),
+        "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE" | crate::cache::EVICT_OPERATION
+    ) {
         return Err(format!("unknown operation {:?}", p.o));
     }
     if p.truncated {

@@ -145,12 +145,36 @@ impl Node {
         &self.cluster
     }
 
-    /// An operator's eviction (`POST /caches/evict`): applied here and sent to every peer.
-    /// Returns how many cache entries or scopes were evicted on this node.
-    pub async fn evict(&self, change: &Change) -> usize {
+    /// An operator's eviction (`POST /caches/evict`): applied here, recorded in the invalidation
+    /// log (so a peer that misses the broadcast applies it by NOTIFY or catch-up) and sent to
+    /// every peer. Returns how many (cache, scope) pairs were evicted on this node.
+    ///
+    /// # Errors
+    /// When the log row cannot be written (database unavailable, schema older than version 7),
+    /// the eviction has still been applied here and broadcast to the connected peers, but a peer
+    /// that missed the broadcast will not learn of it: the error says so, and retrying is safe.
+    pub async fn evict(&self, change: &Change) -> Result<usize> {
         let n = self.apply(change).await;
-        self.cluster.broadcast(change, None);
-        n
+        let Some((group, tenant, key)) = change.eviction_row() else {
+            // Changes of stored data are logged by their triggers; only evictions are ours.
+            self.cluster.broadcast(change, None);
+            return Ok(n);
+        };
+        match self.db.log_eviction(group, tenant, key).await {
+            Ok(xid) => {
+                // Like a write: this node's own NOTIFY is recognised as an echo, and peers that
+                // get the broadcast skip the log row when it reaches them.
+                self.invalidation.own_write(xid);
+                self.cluster.broadcast(change, Some(xid));
+                Ok(n)
+            }
+            Err(e) => {
+                // Still tell the peers that can hear it; the caller learns it is not durable.
+                self.cluster.broadcast(change, None);
+                tracing::warn!(?change, error = %e, "eviction applied and broadcast, but not recorded in the invalidation log");
+                Err(e)
+            }
+        }
     }
 
     /// Applies a change to this node's caches through the one eviction rule (see

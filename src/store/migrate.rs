@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0006_notify_created.sql",
         sql: include_str!("../../sql/0006_notify_created.sql"),
     },
+    Migration {
+        version: 7,
+        name: "0007_operator_evictions.sql",
+        sql: include_str!("../../sql/0007_operator_evictions.sql"),
+    },
 ];
 
 /// The first schema version whose triggers leave NOTIFY to a node that sets

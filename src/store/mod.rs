@@ -263,6 +263,45 @@ impl Db {
         self.delete("tenant", "id = $1", &[&id]).await
     }
 
+    // ---- operator evictions ----
+
+    /// Records an operator's eviction in the invalidation log (one row with operation `EVICT`,
+    /// see `sql/0007_operator_evictions.sql`), announced by NOTIFY like any change. Returns the
+    /// writing transaction. A schema older than version 7 refuses the row: that is a conflict
+    /// naming the fix, not a bad value.
+    pub async fn log_eviction(
+        &self,
+        group: &str,
+        tenant: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<u64> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await?;
+        tx.execute(
+            "SELECT set_config('openfhir.notify', $1, true)",
+            &[&self.notify.setting()],
+        )
+        .await?;
+        let logged = tx
+            .query_one(
+                "SELECT openfhir_log_invalidation($1, $2, $3, $4), pg_current_xact_id()::text AS xid",
+                &[&group, &tenant, &key, &crate::cache::EVICT_OPERATION],
+            )
+            .await;
+        let row = match logged {
+            Ok(row) => row,
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION) => {
+                return Err(Error::Conflict(
+                    "the database schema predates durable evictions (version 7): run                      `openfhir-cache migrate`"
+                        .into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tx.commit().await?;
+        Ok(xid(&row))
+    }
+
     /// `DELETE FROM table WHERE filter`; the filter's parameters come first, `openfhir.notify`
     /// is appended.
     async fn delete(

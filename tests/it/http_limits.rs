@@ -43,7 +43,8 @@ async fn requests_over_the_concurrency_limit_get_503_and_health_still_answers() 
             tenant: Some("default".into()),
             key: Some("slow".into()),
         })
-        .await;
+        .await
+        .expect("eviction recorded");
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     let hook: LoadHook = Arc::new(move |_, _| {

@@ -111,6 +111,15 @@ pub fn measure<T>(f: impl FnOnce() -> T) -> (T, Usage) {
     (out, usage)
 }
 
+/// Runs `f` and returns its result and the bytes it left allocated on this thread: what the
+/// result keeps alive (when `f` frees its temporaries and allocates nothing else that stays).
+pub fn retained<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.with(Cell::get);
+    let out = f();
+    let kept = (LIVE.with(Cell::get) - base).max(0) as usize;
+    (out, kept)
+}
+
 /// Asserts that the work of `small` (for an input of `small_len` bytes) and `large` (for
 /// `large_len` bytes) grew about linearly: both counts by less than twice the input's ratio. For
 /// an input 4 times larger a linear decoder does about 4 times the work and a quadratic one 16

@@ -11,6 +11,7 @@ mod architecture;
 mod cluster_wire;
 mod deploy;
 mod domain_parse;
+mod footprint;
 mod hostile_input;
 mod readme;
 mod router;

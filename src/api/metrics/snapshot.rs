@@ -114,7 +114,33 @@ impl Snapshot {
             "Entries held.",
             &per_cache(|s| s.entries),
         )?;
-        let counters: [(&str, &str, Figure); 6] = [
+        let bytes: Vec<Sample> = self
+            .caches
+            .iter()
+            .filter(|r| matches!(r.bound, crate::cache::Bound::MaxBytes(_)))
+            .map(|r| labelled("cache", r.cache.as_str(), r.stats.weight))
+            .collect();
+        gauge(
+            enc,
+            "openfhir_cache_bytes",
+            "Estimated bytes held, in caches bounded by bytes.",
+            &bytes,
+        )?;
+        let limits: Vec<Sample> = self
+            .caches
+            .iter()
+            .filter_map(|r| match r.bound {
+                crate::cache::Bound::MaxBytes(n) => Some(labelled("cache", r.cache.as_str(), n)),
+                _ => None,
+            })
+            .collect();
+        gauge(
+            enc,
+            "openfhir_cache_max_bytes",
+            "Byte bound of the cache (its share of its group's OPENFHIR_CACHE_*_MAX_BYTES).",
+            &limits,
+        )?;
+        let counters: [(&str, &str, Figure); 7] = [
             (
                 "openfhir_cache_hits_total",
                 "Reads answered from memory.",
@@ -142,6 +168,11 @@ impl Snapshot {
                 "openfhir_cache_expirations_total",
                 "Entries expired by TTL.",
                 |s| s.expirations,
+            ),
+            (
+                "openfhir_cache_size_evictions_total",
+                "Entries evicted, or not kept, because the cache reached its size bound.",
+                |s| s.size_evictions,
             ),
         ];
         for (name, help, f) in counters {

@@ -92,6 +92,50 @@ impl Node {
     }
 }
 
+impl crate::domain::footprint::Footprint for Node {
+    /// This node and its subtree: every string's and vector's heap buffer.
+    fn footprint(&self) -> usize {
+        use crate::domain::footprint::{opt_string_heap, strings_heap};
+        std::mem::size_of::<Node>()
+            + self.rm_type.capacity()
+            + self.constraint.capacity()
+            + opt_string_heap(&self.node_id)
+            + opt_string_heap(&self.archetype_id)
+            + opt_string_heap(&self.attribute)
+            + opt_string_heap(&self.name)
+            + self.path.capacity()
+            + strings_heap(&self.slot_includes)
+            // The children's own slots are counted by their `size_of::<Node>()`; add spare capacity.
+            + (self.children.capacity() - self.children.len()) * std::mem::size_of::<Node>()
+            + self.children.iter().map(|c| c.footprint()).sum::<usize>()
+    }
+}
+
+impl crate::domain::footprint::Footprint for TemplateTree {
+    /// The tree, its header and its path index (a hash map: one slot of key, value and control
+    /// byte per entry, with the table's spare slots).
+    fn footprint(&self) -> usize {
+        use crate::domain::footprint::opt_string_heap;
+        let h = &self.header;
+        let slot = std::mem::size_of::<(String, Box<[u32]>)>() + 1;
+        let index: usize = self
+            .paths
+            .iter()
+            .map(|(k, v)| k.capacity() + std::mem::size_of_val(&**v))
+            .sum::<usize>()
+            + (self.paths.capacity() * 8 / 7 + 1) * slot;
+        std::mem::size_of::<Self>()
+            + h.template_id.capacity()
+            + h.normalized_id.capacity()
+            + opt_string_heap(&h.concept)
+            + opt_string_heap(&h.language)
+            + opt_string_heap(&h.sem_ver)
+            + self.root.footprint()
+            - std::mem::size_of::<Node>()
+            + index
+    }
+}
+
 /// A parsed OPT: its header and its definition tree, indexed by path. Immutable.
 #[derive(Debug, Clone)]
 pub struct TemplateTree {
