@@ -280,6 +280,8 @@ fn partition_under_load() {
             s.net.link_down(2);
             // Long enough for the peers to declare it gone (10 heartbeats = 2 s).
             tokio::time::sleep(Duration::from_secs(4)).await;
+            let cut = s.missing_links(&[(0, 2), (1, 2)]).await;
+            assert_eq!(cut.len(), 2, "the veth going down did not cut node 2 off");
             s.net.link_up(2);
             s.wait_ready(2, Duration::from_secs(30)).await;
             s.wait_links(&all, FORM).await;
