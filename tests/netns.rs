@@ -11,8 +11,9 @@
 //!
 //! - `multicast_default`: nodes with no cluster settings at all (MULTICAST on
 //!   `239.255.78.0:45588`, the default) find each other across the bridge and propagate writes.
-//! - `multicast_ipv6`: the same with `CLUSTER_BIND_ADDR=::` only: announcements go to the IPv6
-//!   default group `[ff15::78]:45588` and peers link over IPv6.
+//! - `multicast_ipv6`: the same with `CLUSTER_BIND_ADDR=::` only (one node: its own IPv6
+//!   address): announcements go to the IPv6 default group `[ff15::78]:45588` and peers link over
+//!   IPv6.
 //! - `dns_server_in_its_own_namespace`: DNS discovery asking a DNS server that runs in a fourth
 //!   namespace.
 //! - `tcp_one_sided_hosts`: TCP discovery where only node 0 lists the others: node 0 links
@@ -33,7 +34,8 @@
 //! These tests need root (network namespaces, veth, bridges) and `ip` (iproute2). Without them
 //! they fail with the command and its error; they never skip. `NETNS_NODE_ENV=K=V,K=V` adds
 //! settings to every node (to see the checks fail, e.g. with a build whose peer channel does not
-//! broadcast). Node logs are under `<target>/netns/<test>-<pid>/`.
+//! broadcast). Node logs are under `<target>/netns/<test>-<pid>/`, kept when a test fails or with
+//! `NETNS_KEEP_LOGS=1`.
 
 mod common;
 
@@ -141,6 +143,10 @@ fn multicast_ipv6() {
         env.push(("CLUSTER_BIND_ADDR", "::"));
         let mut s = Scenario::new(6, "multicast_ipv6", 3, 0, &env);
         s.v6_cluster = true;
+        // One node binds its own address instead: the group is joined on the interface that
+        // holds it, and announcements come from it.
+        let own = s.nodes[2].ip6.clone();
+        s.nodes[2].env = vec![("CLUSTER_BIND_ADDR".into(), own)];
         s.start_all().await;
         s.wait_links(&Scenario::all_pairs(&[0, 1, 2]), FORM).await;
         for i in 0..3 {

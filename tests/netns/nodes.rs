@@ -33,14 +33,28 @@ pub struct Node {
     proc: Mutex<Option<ChildGuard>>,
 }
 
-/// Fields drop in order: the nodes, then PostgreSQL, then the network.
+/// The node log directory: removed when the test passed (kept when it panicked, or with
+/// `NETNS_KEEP_LOGS=1`).
+struct LogDir(PathBuf);
+
+impl Drop for LogDir {
+    fn drop(&mut self) {
+        let keep = std::env::var("NETNS_KEEP_LOGS").is_ok_and(|v| v == "1");
+        if !std::thread::panicking() && !keep {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Fields drop in order: the nodes, their logs, then PostgreSQL, then the network.
 pub struct Scenario {
     pub nodes: Vec<Node>,
+    _logs: LogDir,
     /// Held for its lifetime: dropped (stopped) after the nodes.
     _pg: PrivateServer,
     pub net: Net,
     pub name: &'static str,
-    /// Node logs (kept under the target directory).
+    /// Node logs, `<target>/netns/<name>-<pid>/` (kept when the test fails).
     pub dir: PathBuf,
     /// `DATABASE_URL` of the nodes and of the test's own SQL: the bridge address.
     pub db_url: String,
@@ -146,6 +160,7 @@ impl Scenario {
             .collect();
         Scenario {
             nodes,
+            _logs: LogDir(dir.clone()),
             _pg: pg,
             net,
             name,
