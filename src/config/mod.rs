@@ -23,7 +23,7 @@ mod source;
 mod values;
 mod vars;
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -38,7 +38,9 @@ pub use values::{parse_initial_hosts, Discovery, HostPort, LogFormat, Ttl};
 pub use vars::{Var, VARS};
 
 use source::{defaults, EnvVars, Raw};
-use values::{non_empty, parse_bool, parse_bound, parse_cluster_name, parse_range};
+use values::{
+    non_empty, parse_bool, parse_bound, parse_cluster_name, parse_multicast_group, parse_range,
+};
 
 /// openFHIR's default bootstrap directory (`openfhir.bootstrap.dir`).
 pub const DEFAULT_BOOTSTRAP_DIR: &str = "/app/bootstrap/";
@@ -112,8 +114,9 @@ pub struct ClusterConfig {
     pub name: String,
     /// `CLUSTER_SECRET`; `None` = unauthenticated channel.
     pub secret: Option<Secret>,
-    /// `CLUSTER_MULTICAST_ADDR`.
-    pub multicast_addr: SocketAddrV4,
+    /// `CLUSTER_MULTICAST_ADDR`: an IPv4 or IPv6 multicast group and port. When it is not set,
+    /// [`DEFAULT_MULTICAST_V4`], or [`DEFAULT_MULTICAST_V6`] when `CLUSTER_BIND_ADDR` is IPv6.
+    pub multicast_addr: SocketAddr,
     /// `CLUSTER_DNS_INTERVAL`, in seconds.
     pub dns_interval: u64,
     /// `CLUSTER_DNS_SERVER`.
@@ -122,6 +125,35 @@ pub struct ClusterConfig {
     pub heartbeat_ms: u64,
     /// `CLUSTER_SEND_QUEUE`: per-peer queue capacity, in messages.
     pub send_queue: usize,
+}
+
+/// The multicast group and port of announcements when `CLUSTER_MULTICAST_ADDR` is not set and
+/// `CLUSTER_BIND_ADDR` is IPv4 (the `VARS` default): in `239.255.0.0/16`, the IPv4 local scope.
+pub const DEFAULT_MULTICAST_V4: &str = "239.255.78.0:45588";
+
+/// The multicast group and port of announcements when `CLUSTER_MULTICAST_ADDR` is not set and
+/// `CLUSTER_BIND_ADDR` is IPv6 (e.g. `::`): `ff15::78`, a transient (`1`) site-local (`5`)
+/// group, the IPv6 counterpart of the IPv4 local scope. Site scope rather than link-local
+/// (`ff12::`) so the source address of an announcement is the node's unique-local or global
+/// address, which a peer can dial without a zone index, and not its `fe80::` address.
+pub const DEFAULT_MULTICAST_V6: &str = "[ff15::78]:45588";
+
+/// The multicast group of announcements: `configured` (`CLUSTER_MULTICAST_ADDR`, `None` when it
+/// is not set), else the default of the bind address's family. IPv4 bind addresses get
+/// [`DEFAULT_MULTICAST_V4`] as before; an IPv6 bind address (a node that listens on IPv6 only,
+/// or on `::`) gets [`DEFAULT_MULTICAST_V6`], so a cluster on an IPv6-only network finds itself
+/// with no settings at all.
+pub fn multicast_group(configured: Option<SocketAddr>, bind_addr: IpAddr) -> SocketAddr {
+    let default = if bind_addr.is_ipv6() {
+        DEFAULT_MULTICAST_V6
+    } else {
+        DEFAULT_MULTICAST_V4
+    };
+    configured.unwrap_or_else(|| {
+        default
+            .parse()
+            .unwrap_or(SocketAddr::from(([239, 255, 78, 0], 45588)))
+    })
 }
 
 /// Shortest accepted `CLUSTER_SECRET`, in bytes.
@@ -285,7 +317,7 @@ impl Config {
                 parse_bound(s, 1, "a number of entries")
             })?,
         };
-        let cluster = ClusterConfig {
+        let mut cluster = ClusterConfig {
             discovery: raw.parse("cluster.discovery", Discovery::from_str)?,
             dns_query: raw.parse("cluster.dns_query", |s| Ok(non_empty(s)))?,
             initial_hosts: raw.parse("cluster.initial_hosts", parse_initial_hosts)?,
@@ -308,13 +340,7 @@ impl Config {
                 )),
                 s => Ok(Some(Secret(s.to_string()))),
             })?,
-            multicast_addr: raw.parse("cluster.multicast_addr", |s| {
-                match s.trim().parse::<SocketAddrV4>() {
-                    Ok(a) if a.ip().is_multicast() && a.port() > 0 => Ok(a),
-                    Ok(_) => Err("not an IPv4 multicast group (224.0.0.0/4) with a port > 0".to_string()),
-                    Err(_) => Err("expected an IPv4 multicast group and port, e.g. 239.255.78.0:45588".to_string()),
-                }
-            })?,
+            multicast_addr: raw.parse("cluster.multicast_addr", parse_multicast_group)?,
             dns_interval: raw.parse("cluster.dns_interval", |s| {
                 parse_range(s, 1, 3600, "a number of seconds").map(|n| n as u64)
             })?,
@@ -331,6 +357,10 @@ impl Config {
                 parse_range(s, 1, 1_000_000, "a number of messages")
             })?,
         };
+        if !raw.is_set("cluster.multicast_addr") {
+            // Unset: the default group of the bind address's family (IPv6 for `::`).
+            cluster.multicast_addr = multicast_group(None, cluster.bind_addr);
+        }
         match cluster.discovery {
             Discovery::Dns if cluster.dns_query.is_none() => {
                 return Err(ConfigError::Inconsistent(

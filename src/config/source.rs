@@ -99,6 +99,16 @@ impl Raw<'_> {
         })
     }
 
+    /// True when `key` was given (in the environment or the file), false when it has its
+    /// built-in default: for the defaults that depend on another setting.
+    pub(super) fn is_set(&self, key: &str) -> bool {
+        self.figment.find_value(key).is_ok_and(|value| {
+            self.figment.get_metadata(value.tag()).is_some_and(|m| {
+                m.name == ENV_SOURCE || matches!(m.source, Some(figment::Source::File(_)))
+            })
+        })
+    }
+
     fn source_name(&self, value: &Value, var: &Var) -> String {
         let from_env = self
             .figment

@@ -295,3 +295,68 @@ fn cache_bounds_take_minus_one_for_none() {
         .to_string();
     assert!(e.contains("at least 1048576"), "{e}");
 }
+
+#[test]
+fn the_multicast_group_follows_the_bind_address_family_unless_set() {
+    let group = |vars: &[(&str, &str)]| with(vars).unwrap().cluster.multicast_addr.to_string();
+    // IPv4 bind addresses: the IPv4 group, as always.
+    assert_eq!(group(&[]), "239.255.78.0:45588");
+    for bind in ["0.0.0.0", "10.1.2.3", "127.0.0.2"] {
+        assert_eq!(
+            group(&[("CLUSTER_BIND_ADDR", bind)]),
+            DEFAULT_MULTICAST_V4,
+            "{bind}"
+        );
+    }
+    // IPv6 bind addresses, with no group set: the IPv6 site-local group, same port.
+    for bind in ["::", "fd00::2", "::1", "2001:db8::7"] {
+        assert_eq!(
+            group(&[("CLUSTER_BIND_ADDR", bind)]),
+            "[ff15::78]:45588",
+            "{bind}"
+        );
+    }
+    // A group that is set wins, whatever the bind address, also when it equals the default.
+    for (bind, set) in [
+        ("::", "239.255.78.0:45588"),
+        ("::", "239.255.1.2:5000"),
+        ("0.0.0.0", "[ff15::78]:45588"),
+        ("fd00::2", "[ff02::1234]:6000"),
+    ] {
+        assert_eq!(
+            group(&[("CLUSTER_BIND_ADDR", bind), ("CLUSTER_MULTICAST_ADDR", set)]),
+            set,
+            "{bind} {set}"
+        );
+    }
+    // The same rule when the group comes from the file.
+    let dir = std::env::temp_dir().join(format!("ofc-config-mc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("openfhir-cache.toml");
+    std::fs::write(&path, "[cluster]\nbind_addr = \"::\"\n").unwrap();
+    let c = Config::from_sources(Some(&path), |_| None).unwrap();
+    assert_eq!(c.cluster.multicast_addr.to_string(), DEFAULT_MULTICAST_V6);
+    std::fs::write(
+        &path,
+        "[cluster]\nbind_addr = \"::\"\nmulticast_addr = \"239.255.78.0:45588\"\n",
+    )
+    .unwrap();
+    let c = Config::from_sources(Some(&path), |_| None).unwrap();
+    assert_eq!(c.cluster.multicast_addr.to_string(), DEFAULT_MULTICAST_V4);
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Not multicast, or no port: refused with the variable named.
+    for bad in ["[fd00::1]:45588", "[ff15::78]:0", "ff15::78", "[ff15::78]"] {
+        let e = with(&[("CLUSTER_MULTICAST_ADDR", bad)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CLUSTER_MULTICAST_ADDR"), "{bad}: {e}");
+    }
+    assert_eq!(
+        multicast_group(None, "::".parse().unwrap()).to_string(),
+        DEFAULT_MULTICAST_V6
+    );
+    assert_eq!(
+        multicast_group(None, "0.0.0.0".parse().unwrap()).to_string(),
+        DEFAULT_MULTICAST_V4
+    );
+}

@@ -216,6 +216,21 @@ pub(super) fn parse_bool(s: &str) -> Result<bool, String> {
     }
 }
 
+/// `CLUSTER_MULTICAST_ADDR`: an IPv4 (`224.0.0.0/4`) or IPv6 (`ff00::/8`, in brackets) multicast
+/// group with a port > 0.
+pub(super) fn parse_multicast_group(s: &str) -> Result<std::net::SocketAddr, String> {
+    match s.trim().parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_multicast() && a.port() > 0 => Ok(a),
+        Ok(_) => Err(
+            "not a multicast group (IPv4 224.0.0.0/4 or IPv6 ff00::/8) with a port > 0".to_string(),
+        ),
+        Err(_) => Err(
+            "expected a multicast group and port, e.g. 239.255.78.0:45588 or [ff15::78]:45588"
+                .to_string(),
+        ),
+    }
+}
+
 pub(super) fn parse_cluster_name(s: &str) -> Result<String, String> {
     let t = s.trim();
     let ok = !t.is_empty()

@@ -44,7 +44,7 @@ pub const VARS: &[Var] = &[
     Var { env: "CLUSTER_SECRET", key: "cluster.secret", default: "",
           doc: "Shared secret (at least 16 characters): peers must hold it to join (Noise handshake with it as pre-shared key), and every frame is encrypted and authenticated with per-session keys. Unset = unauthenticated, unencrypted channel." },
     Var { env: "CLUSTER_MULTICAST_ADDR", key: "cluster.multicast_addr", default: "239.255.78.0:45588",
-          doc: "MULTICAST mode: IPv4 multicast group and UDP port of the announcements." },
+          doc: "MULTICAST mode: multicast group and UDP port of the announcements (IPv4, or IPv6 as [group]:port). When unset: 239.255.78.0:45588, or [ff15::78]:45588 when CLUSTER_BIND_ADDR is IPv6 (e.g. ::)." },
     Var { env: "CLUSTER_DNS_INTERVAL", key: "cluster.dns_interval", default: "10",
           doc: "DNS mode: seconds between lookups of CLUSTER_DNS_QUERY (1-3600)." },
     Var { env: "CLUSTER_DNS_SERVER", key: "cluster.dns_server", default: "",

@@ -56,6 +56,43 @@ impl TestDns {
         }
     }
 
+    /// Like [`start`](Self::start), but serves on sockets the caller bound (e.g. inside another
+    /// network namespace, or on port 53 of a given address). Must run inside a tokio runtime.
+    pub fn start_on(
+        name: &str,
+        ips: Vec<IpAddr>,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+    ) -> TestDns {
+        let mut fqdn = Name::from_utf8(name).expect("valid test DNS name");
+        fqdn.set_fqdn(true);
+        let ips = Arc::new(Mutex::new(ips));
+        let silent = Arc::new(AtomicBool::new(false));
+        let queries = Arc::new(Mutex::new(0));
+        let handler = Handler {
+            name: LowerName::new(&fqdn),
+            ips: ips.clone(),
+            silent: silent.clone(),
+            queries: queries.clone(),
+        };
+        udp.set_nonblocking(true).expect("non-blocking UDP socket");
+        tcp.set_nonblocking(true)
+            .expect("non-blocking TCP listener");
+        let udp = UdpSocket::from_std(udp).expect("UDP socket into tokio");
+        let tcp = TcpListener::from_std(tcp).expect("TCP listener into tokio");
+        let addr = udp.local_addr().expect("UDP local address");
+        let mut server = Server::new(handler);
+        server.register_socket(udp);
+        server.register_listener(tcp, Duration::from_secs(5), 16);
+        TestDns {
+            addr,
+            ips,
+            silent,
+            queries,
+            _server: server,
+        }
+    }
+
     /// Replaces the addresses the name resolves to (an empty list: the name has no records).
     pub fn set(&self, ips: Vec<IpAddr>) {
         *self.ips.lock().expect("test DNS lock") = ips;

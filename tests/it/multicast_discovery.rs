@@ -54,7 +54,7 @@ impl Node {
         secret: Option<&str>,
     ) -> Node {
         let settings = MulticastSettings {
-            group,
+            group: group.into(),
             bind_addr,
             cluster: cluster.to_string(),
             node_id: format!("node-{bind_addr}"),

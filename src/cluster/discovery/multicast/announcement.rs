@@ -199,7 +199,11 @@ pub fn decode_announcement(
         if src.ip().is_unspecified() || src.ip().is_multicast() {
             return Err(bad("unspecified, and so is the source address"));
         }
-        addr.set_ip(src.ip());
+        // The source as received, port replaced: an `fe80::` source keeps its zone index, without
+        // which it could not be dialed.
+        let port = addr.port();
+        addr = src;
+        addr.set_port(port);
     }
     Ok(Announced {
         node_id: a.node_id,
@@ -340,6 +344,15 @@ mod tests {
         let v6src: SocketAddr = "[fd00::5]:1234".parse().unwrap();
         let got = decode_announcement(&a, &settings("b", None), v6src).unwrap();
         assert_eq!(got.addr, "[fd00::5]:7801".parse::<SocketAddr>().unwrap());
+
+        let linklocal = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::5".parse().unwrap(),
+            1234,
+            0,
+            3,
+        ));
+        let got = decode_announcement(&a, &settings("b", None), linklocal).unwrap();
+        assert_eq!(got.addr.to_string(), "[fe80::5%3]:7801");
 
         s.advertised = "[fd00::7]:7802".parse().unwrap();
         let a = encode_announcement(&s).unwrap();

@@ -1,5 +1,6 @@
-//! `MULTICAST` discovery: nodes announce their cluster address on an IPv4 multicast group
-//! (`CLUSTER_MULTICAST_ADDR`, default `239.255.78.0:45588`) and learn each other's.
+//! `MULTICAST` discovery: nodes announce their cluster address on a multicast group
+//! (`CLUSTER_MULTICAST_ADDR`; when unset `239.255.78.0:45588`, or `[ff15::78]:45588` when
+//! `CLUSTER_BIND_ADDR` is IPv6, see [`crate::config::multicast_group`]) and learn each other's.
 //!
 //! # Announcements
 //! One small JSON datagram (well under 1 KiB; anything over [`MAX_ANNOUNCEMENT`] bytes is dropped
@@ -31,9 +32,11 @@
 //! # Sockets and interfaces
 //! Receiving uses a UDP socket with `SO_REUSEADDR` and `SO_REUSEPORT` (so several nodes on one
 //! host share the group port), bound to the group address and port (on Linux that keeps other
-//! groups' datagrams out; if that bind fails it falls back to `0.0.0.0:port` with
-//! `IP_MULTICAST_ALL` off), joined to the group on the interface chosen from
-//! `CLUSTER_BIND_ADDR`:
+//! groups' datagrams out; if that bind fails it falls back to the unspecified address and the
+//! port with `IP_MULTICAST_ALL` / `IPV6_MULTICAST_ALL` off), joined to the group on the
+//! interface chosen from `CLUSTER_BIND_ADDR` ([`MulticastSettings::interface`]).
+//!
+//! An IPv4 group (the default for IPv4 bind addresses):
 //!
 //! * a loopback IPv4 address (`127.x.y.z`): the loopback interface (`127.0.0.1`). Nodes on one
 //!   machine find each other without any system change;
@@ -41,13 +44,27 @@
 //! * `0.0.0.0` or an IPv6 address: `INADDR_ANY`, the interface of the route to the group (normally
 //!   the default route).
 //!
-//! Nodes only hear each other when they use the same interface: a node bound to `127.0.0.2` does
-//! not hear one bound to `0.0.0.0` on the same host.
+//! An IPv6 group (the default for IPv6 bind addresses, e.g. `::`), by interface index:
 //!
-//! Sending uses a second socket bound to the node's IPv4 bind address (or `0.0.0.0`) so the
-//! datagram's source is the node's address, with `IP_MULTICAST_IF` set to the same interface,
-//! `IP_MULTICAST_LOOP` on (nodes on the same host hear each other) and `IP_MULTICAST_TTL`
-//! [`MULTICAST_TTL`] (`1`: announcements stay on the local network segment and are never routed).
+//! * a specific IPv6 address: the interface holding it (Linux: `/proc/net/if_inet6`);
+//! * `::`, an IPv4 address, or an address no interface holds: index 0, the interface of the
+//!   route to the group (on Linux every multicast-capable interface has an `ff00::/8` route; the
+//!   first one, normally the one with the default route, wins). The loopback interface has no
+//!   multicast, so IPv6 announcements need a real interface.
+//!
+//! Nodes only hear each other when they use the same interface: a node bound to `127.0.0.2` does
+//! not hear one bound to `0.0.0.0` on the same host, and a node on the IPv4 group does not hear
+//! one on the IPv6 group.
+//!
+//! Sending uses a second socket bound to the node's bind address when it is specific and of the
+//! group's family (else the unspecified address), so the datagram's source is the node's address,
+//! with the multicast interface (`IP_MULTICAST_IF` / `IPV6_MULTICAST_IF`) set to the same
+//! interface, loopback on (`IP_MULTICAST_LOOP` / `IPV6_MULTICAST_LOOP`: nodes on the same host
+//! hear each other) and a TTL / hop limit of [`MULTICAST_TTL`] (`1`: announcements stay on the
+//! local network segment and are never routed). With `::`, the kernel picks the source address;
+//! for the site-local default group it prefers a unique-local or global address over `fe80::`,
+//! and that is the address peers dial (an `fe80::` source keeps its zone index, so it works too
+//! on the interface it came from).
 //!
 //! # Failures
 //! Where multicast is blocked (no route to the group, no such interface, a firewall refusing the
@@ -68,7 +85,8 @@ mod announcement;
 mod peers;
 mod socket;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,7 +110,8 @@ pub const EXPIRY_INTERVALS: u32 = 5;
 /// Most addresses tracked at once; announcements of new addresses beyond that are ignored.
 pub const MAX_PEERS: usize = 1024;
 
-/// `IP_MULTICAST_TTL` of announcements: `1` keeps them on the local network segment.
+/// `IP_MULTICAST_TTL` (IPv4) and `IPV6_MULTICAST_HOPS` (IPv6) of announcements: `1` keeps them
+/// on the local network segment.
 pub const MULTICAST_TTL: u32 = 1;
 
 /// Shortest interval used, whatever the settings say, so a zero interval cannot spin.
@@ -104,8 +123,8 @@ const STARTUP_ANNOUNCEMENTS: u64 = 3;
 /// Settings of multicast discovery.
 #[derive(Debug, Clone)]
 pub struct MulticastSettings {
-    /// `CLUSTER_MULTICAST_ADDR`.
-    pub group: SocketAddrV4,
+    /// `CLUSTER_MULTICAST_ADDR` (IPv4 or IPv6), or its default for the bind address's family.
+    pub group: SocketAddr,
     /// `CLUSTER_BIND_ADDR`: picks the interface announcements go out on.
     pub bind_addr: IpAddr,
     /// `CLUSTER_NAME`: announcements of other clusters are ignored.
@@ -122,11 +141,40 @@ pub struct MulticastSettings {
     pub interval: Duration,
 }
 
+/// The interface announcements are received and sent on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interface {
+    /// IPv4 group: the interface by one of its IPv4 addresses; `0.0.0.0` = by route.
+    V4(Ipv4Addr),
+    /// IPv6 group: the interface by index; `0` = by route.
+    V6(u32),
+}
+
+impl fmt::Display for Interface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Interface::V4(ip) => write!(f, "{ip}"),
+            Interface::V6(0) => write!(f, "the route's (IPv6 index 0)"),
+            Interface::V6(i) => write!(f, "IPv6 index {i}"),
+        }
+    }
+}
+
 impl MulticastSettings {
-    /// The interface (by its IPv4 address) used to join the group and send announcements:
-    /// `127.0.0.1` for a loopback bind address, the bind address itself for another specific
-    /// IPv4 address, and `0.0.0.0` (the OS's choice, by route) for `0.0.0.0` or IPv6.
-    pub fn interface(&self) -> Ipv4Addr {
+    /// The interface used to join the group and send announcements: [`Interface::V4`] for an IPv4
+    /// group ([`Self::interface_v4`]), [`Interface::V6`] for an IPv6 group (the index of the
+    /// interface holding a specific IPv6 bind address, else 0).
+    pub fn interface(&self) -> Interface {
+        match self.group {
+            SocketAddr::V4(_) => Interface::V4(self.interface_v4()),
+            SocketAddr::V6(_) => Interface::V6(self.interface_v6(interface_index_of)),
+        }
+    }
+
+    /// The IPv4 interface (by its address): `127.0.0.1` for a loopback bind address, the bind
+    /// address itself for another specific IPv4 address, and `0.0.0.0` (the OS's choice, by
+    /// route) for `0.0.0.0` or IPv6.
+    pub fn interface_v4(&self) -> Ipv4Addr {
         match self.bind_addr {
             IpAddr::V4(ip) if ip.is_loopback() => Ipv4Addr::LOCALHOST,
             IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_multicast() => ip,
@@ -134,12 +182,31 @@ impl MulticastSettings {
         }
     }
 
-    /// The address the sending socket binds to (port 0), so announcements come from this node's
-    /// address: the IPv4 bind address when it is specific, else `0.0.0.0`.
-    fn send_source(&self) -> Ipv4Addr {
+    /// The IPv6 interface index: `index_of(bind address)` for a specific IPv6 bind address, and
+    /// 0 (the OS's choice, by route) for `::`, an IPv4 bind address or an address `index_of`
+    /// does not find.
+    fn interface_v6(&self, index_of: impl Fn(Ipv6Addr) -> Option<u32>) -> u32 {
         match self.bind_addr {
-            IpAddr::V4(ip) if !ip.is_unspecified() && !ip.is_multicast() => ip,
-            _ => Ipv4Addr::UNSPECIFIED,
+            IpAddr::V6(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                index_of(ip).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The address the sending socket binds to (port 0), so announcements come from this node's
+    /// address: the bind address when it is specific and of the group's family, else the
+    /// unspecified address of the group's family.
+    fn send_source(&self) -> IpAddr {
+        match (self.group, self.bind_addr) {
+            (SocketAddr::V4(_), IpAddr::V4(ip)) if !ip.is_unspecified() && !ip.is_multicast() => {
+                IpAddr::V4(ip)
+            }
+            (SocketAddr::V6(_), IpAddr::V6(ip)) if !ip.is_unspecified() && !ip.is_multicast() => {
+                IpAddr::V6(ip)
+            }
+            (SocketAddr::V4(_), _) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            (SocketAddr::V6(_), _) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         }
     }
 
@@ -148,13 +215,37 @@ impl MulticastSettings {
     }
 }
 
+/// The index of the interface that holds `ip`, from Linux's `/proc/net/if_inet6` (one line per
+/// address: 32 hex digits, the index in hex, prefix length, scope, flags, name). `None` elsewhere
+/// or when no interface holds it.
+fn interface_index_of(ip: Ipv6Addr) -> Option<u32> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    index_in_if_inet6(&table, ip)
+}
+
+fn index_in_if_inet6(table: &str, ip: Ipv6Addr) -> Option<u32> {
+    let want = ip
+        .octets()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    table.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let addr = fields.next()?;
+        let index = fields.next()?;
+        (addr.eq_ignore_ascii_case(&want))
+            .then(|| u32::from_str_radix(index, 16).ok())
+            .flatten()
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The task
 
 /// The running task's state.
 struct Discovery {
     settings: MulticastSettings,
-    iface: Ipv4Addr,
+    iface: Interface,
     interval: Duration,
     announcement: Vec<u8>,
     peers: Peers,
@@ -394,12 +485,37 @@ mod tests {
         ];
         for (bind, iface, source) in cases {
             s.bind_addr = bind.parse().unwrap();
-            assert_eq!(s.interface(), iface, "{bind}");
-            assert_eq!(
-                s.send_source(),
-                source.parse::<Ipv4Addr>().unwrap(),
-                "{bind}"
-            );
+            assert_eq!(s.interface(), Interface::V4(iface), "{bind}");
+            assert_eq!(s.send_source(), source.parse::<IpAddr>().unwrap(), "{bind}");
         }
+    }
+
+    #[test]
+    fn ipv6_interface_choice() {
+        let mut s = settings("a", None);
+        s.group = "[ff15::78]:45588".parse().unwrap();
+        // A stand-in for /proc/net/if_inet6: fd00::2 on index 3, ::1 on index 1.
+        let table = "fd000000000000000000000000000002 03 40 00 80     eth0\n\
+                     00000000000000000000000000000001 01 80 10 80       lo\n";
+        let index_of = |ip| index_in_if_inet6(table, ip);
+        let cases = [
+            ("fd00::2", 3, "fd00::2"),
+            ("::1", 1, "::1"),
+            ("fd00::9", 0, "fd00::9"),
+            ("::", 0, "::"),
+            ("0.0.0.0", 0, "::"),
+            ("10.0.0.2", 0, "::"),
+        ];
+        for (bind, index, source) in cases {
+            s.bind_addr = bind.parse().unwrap();
+            assert_eq!(s.interface_v6(index_of), index, "{bind}");
+            assert_eq!(s.send_source(), source.parse::<IpAddr>().unwrap(), "{bind}");
+        }
+        s.bind_addr = "::".parse().unwrap();
+        assert_eq!(s.interface(), Interface::V6(0));
+        assert_eq!(
+            index_in_if_inet6("garbage\n\nzz 1 2\n", "::1".parse().unwrap()),
+            None
+        );
     }
 }
