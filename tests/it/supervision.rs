@@ -328,6 +328,9 @@ async fn every_cluster_task_is_restarted_after_a_panic_and_works_again() {
     assert_eq!(b.put_opt("k1", &opt_xml("k1", "v1")).await, 200);
     assert!(a.get_text("/opt/k1").await.contains("v1"));
 
+    // Periodic catch-up and NOTIFY are off: a step now can only come from gap repair, which
+    // steps once when it starts again (the ended run may have taken a gap's wake-up).
+    let steps = a.node.invalidation_report().catchup_steps;
     for t in [
         "cluster.accept",
         "cluster.reconcile",
@@ -337,6 +340,10 @@ async fn every_cluster_task_is_restarted_after_a_panic_and_works_again() {
     ] {
         fail_once(&a, &logs, t, Fault::Panic).await;
     }
+    assert!(
+        wait_for(5, || a.node.invalidation_report().catchup_steps > steps).await,
+        "no catch-up step when gap repair started again"
+    );
 
     // Discovery runs its rounds again.
     let rounds = a.node.cluster().report().discovery_status.rounds;

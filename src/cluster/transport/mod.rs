@@ -13,6 +13,7 @@ mod outbound;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,10 +59,12 @@ pub const TASK_DISCOVERY: &str = "cluster.discovery";
 /// (all in the shared channel state), and the last set discovery published. What it resets: the
 /// handshake gate (its slots are held by the running handshakes, which go on), the dialers (a
 /// reconcile run cancels its own when it ends, and the next one dials every address again, so
-/// outbound links reconnect once), and discovery's own state. `TCP` and `DNS` publish their whole
-/// set again at the first round; `MULTICAST` starts from an empty table, so an address not
-/// announced since the restart leaves the discovered set until its next announcement (one
-/// interval); a peer linked to this node stays dialed meanwhile, as its address is also learned.
+/// outbound links reconnect once), gap repair's wake-up (a restarted run steps once at once, in
+/// case the ended run took a gap's wake-up without stepping), and discovery's own state. `TCP`
+/// and `DNS` publish their whole set again at the first round; `MULTICAST` starts from an empty
+/// table, so an address not announced since the restart leaves the discovered set until its next
+/// announcement (one interval); a peer linked to this node stays dialed meanwhile, as its address
+/// is also learned.
 pub async fn start(cluster: Cluster, inv: Arc<Invalidation>, tasks: &Supervisor) -> Result<()> {
     let s = cluster.shared.clone();
     let ctx = Ctx { s: s.clone(), inv };
@@ -98,8 +101,10 @@ pub async fn start(cluster: Cluster, inv: Arc<Invalidation>, tasks: &Supervisor)
     tasks.spawn(task(TASK_FAILURE_DETECTOR), move || {
         health::failure_detector(sh.clone())
     });
-    let c = ctx;
-    tasks.spawn(task(TASK_GAP_REPAIR), move || health::gap_repair(c.clone()));
+    let (c, started) = (ctx, AtomicBool::new(false));
+    tasks.spawn(task(TASK_GAP_REPAIR), move || {
+        health::gap_repair(c.clone(), started.swap(true, Ordering::Relaxed))
+    });
     let sh = s.clone();
     tasks.spawn(task(TASK_DISCOVERY), move || discovery_run(&sh, local));
     Ok(())
