@@ -234,6 +234,25 @@ async fn the_listener_is_restarted_after_it_returns_and_applies_notifications_ag
         report.listener_reconnects, 1,
         "the restarted listener's session is a reconnect"
     );
+    // The ended run's connection is closed: one listener connection, not two.
+    let sql = app.sql().await;
+    let name = openfhir_cache::invalidation::listener_application_name(app.node.id());
+    let mut connections = 0;
+    for _ in 0..100 {
+        connections = sql
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if connections == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(connections, 1, "listener connections after the restart");
     let by_notify = report.first_by_notify;
     sql_update(&app, "l1", "v2").await;
     assert!(serves(&app, "l1", "v2").await, "no notification applied");
