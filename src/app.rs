@@ -22,12 +22,12 @@ pub struct ServeOptions {
 
 /// A node running without the HTTP API (see [`start_embedded`]): the database invalidation
 /// channel (NOTIFY listener, catch-up and pruning) and the peer cluster channel run in the
-/// background; the program reads and writes through [`Embedded::node`].
+/// background, as supervised tasks ([`Node::tasks`]); the program reads and writes through
+/// [`Embedded::node`].
 #[must_use = "dropping an Embedded node leaves its tasks running until the runtime ends; call shutdown"]
 pub struct Embedded {
     /// The node's cached store: the same reads and writes as the HTTP API, without HTTP.
     pub node: Arc<Node>,
-    tasks: Vec<JoinHandle<()>>,
     bootstrap: Arc<crate::bootstrap::Progress>,
 }
 
@@ -56,9 +56,8 @@ impl Embedded {
 
     fn stop_tasks(&mut self) {
         self.node.invalidation().stop_deferring();
-        for t in self.tasks.drain(..) {
-            t.abort();
-        }
+        // Stopped on purpose: the supervisor restarts nothing from here on.
+        self.node.tasks().stop();
         self.node.db().close();
     }
 }
@@ -150,11 +149,9 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
     let deferred = crate::store::migrate::current_version(&*node.db().conn().await?)
         .await?
         .is_some_and(|v| v >= crate::store::migrate::DEFERRED_NOTIFY_SINCE);
-    let tasks = node
-        .invalidation()
-        .spawn(&node.config().invalidation, deferred);
-    let mut background = Embedded {
-        tasks,
+    node.invalidation()
+        .spawn(node.tasks(), &node.config().invalidation, deferred);
+    let background = Embedded {
         node,
         bootstrap: Arc::new(crate::bootstrap::Progress::running()),
     };
@@ -162,8 +159,8 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
         background.node.cluster().clone(),
         background.node.invalidation().clone(),
     );
-    match crate::cluster::start(cluster, invalidation).await {
-        Ok(tasks) => background.tasks.extend(tasks),
+    match crate::cluster::start(cluster, invalidation, background.node.tasks()).await {
+        Ok(()) => {}
         Err(e) => {
             background.abort();
             return Err(e);
@@ -171,12 +168,11 @@ pub async fn start_embedded(config: Config, opts: ServeOptions) -> Result<Embedd
     }
     // After the cluster channel is up, so what it loads is broadcast like any write; in the
     // background, so the node answers meanwhile (readiness waits for it).
-    background
-        .tasks
-        .push(tokio::spawn(crate::bootstrap::run_recorded(
-            background.node.clone(),
-            background.bootstrap.clone(),
-        )));
+    let (node, progress) = (background.node.clone(), background.bootstrap.clone());
+    background.node.tasks().spawn(
+        crate::supervise::Task::once(crate::bootstrap::TASK_BOOTSTRAP),
+        move || crate::bootstrap::run_recorded(node.clone(), progress.clone()),
+    );
     Ok(background)
 }
 

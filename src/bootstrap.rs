@@ -146,9 +146,18 @@ impl Progress {
     }
 }
 
+/// The supervised task name of the bootstrap run.
+pub const TASK_BOOTSTRAP: &str = "bootstrap";
+
 /// [`run`], recording its outcome in `progress` (made with [`Progress::running`]). A database
 /// failure is logged; the node goes on serving.
+///
+/// A run that ends without an outcome (it panicked, or was aborted at shutdown) records
+/// [`Phase::Failed`], so neither readiness nor [`Progress::finished`] waits for it forever. It
+/// runs as a one-shot supervised task ([`TASK_BOOTSTRAP`]): a panic is a bug that would recur on
+/// a second run, so the task is marked dead (readiness names it) rather than run again.
 pub async fn run_recorded(node: Arc<Node>, progress: Arc<Progress>) {
+    let mut unfinished = Unfinished(Some(progress));
     let phase = match run(&node).await {
         Ok(s) => Phase::Done(s),
         Err(e) => {
@@ -156,7 +165,25 @@ pub async fn run_recorded(node: Arc<Node>, progress: Arc<Progress>) {
             Phase::Failed(e.to_string())
         }
     };
-    progress.set(phase);
+    if let Some(p) = unfinished.0.take() {
+        p.set(phase);
+    }
+}
+
+/// Records a bootstrap run that ended without an outcome, when dropped before the run set one.
+struct Unfinished(Option<Arc<Progress>>);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let why = if std::thread::panicking() {
+                "the bootstrap run panicked; the files are tried again at the next start"
+            } else {
+                "the bootstrap run was stopped before it finished"
+            };
+            p.set(Phase::Failed(why.into()));
+        }
+    }
 }
 
 /// One file found in the directory.

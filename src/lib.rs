@@ -15,9 +15,10 @@
 //!
 //! ## Layers
 //! Modules depend one way, each only on those above it in this list
-//! (`tests/offline/architecture.rs` checks it): [`config`], [`error`], [`rendered`], [`domain`],
-//! [`cache`], [`store`], [`invalidation`], [`cluster`], [`node`], [`bootstrap`], [`api`], [`app`],
-//! and the benchmark harness `bench` (feature `bench`, on by default) over all of them.
+//! (`tests/offline/architecture.rs` checks it): [`config`], [`error`], [`rendered`],
+//! [`supervise`], [`domain`], [`cache`], [`store`], [`invalidation`], [`cluster`], [`node`],
+//! [`bootstrap`], [`api`], [`app`], and the benchmark harness `bench` (feature `bench`, on by
+//! default) over all of them.
 //!
 //! ## Embedding
 //! Build a [`node::Node`] from a [`config::Config`] and call its read and write methods; or run
@@ -38,6 +39,7 @@ pub mod invalidation;
 pub mod node;
 pub mod rendered;
 pub mod store;
+pub mod supervise;
 
 pub use config::Config;
 pub use error::{Error, Result};

@@ -22,6 +22,7 @@ pub async fn cluster(State(node): State<AppState>) -> Json<serde_json::Value> {
         },
         "cluster": node.cluster().report(),
         "invalidation": node.invalidation_report(),
+        "tasks": node.tasks().report(),
     }))
 }
 
@@ -102,6 +103,15 @@ pub async fn ready(State(node): State<AppState>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "not ready", "error": "loading the bootstrap directory" })),
+        )
+            .into_response();
+    }
+    // A background task waiting for its restart, or dead: this node may be missing invalidations
+    // or peers, so it says which part is down.
+    if let Err(down) = node.tasks().readiness() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "error": down })),
         )
             .into_response();
     }

@@ -47,7 +47,9 @@ pub mod wire;
 
 pub use broadcast::{Cluster, ClusterReport, CountersReport};
 pub use membership::{PeerReport, PeerState, Rejected};
-pub use transport::start;
+pub use transport::{
+    start, TASK_ACCEPT, TASK_DISCOVERY, TASK_FAILURE_DETECTOR, TASK_GAP_REPAIR, TASK_RECONCILE,
+};
 
 pub use secret::ClusterSecret;
 pub use session::{

@@ -148,7 +148,12 @@ impl DeferredNotify {
     pub async fn run(&self, db: Db) {
         let mut failing = false;
         loop {
-            self.wake.notified().await;
+            // What is pending already goes at once: a run started again after a panic may find
+            // transactions whose wake-up the ended run had taken. A push after this look stores
+            // its wake-up for `notified`, so none is missed.
+            if self.pending() == 0 {
+                self.wake.notified().await;
+            }
             match self.send_pending(&db).await {
                 Ok(_) if failing => {
                     failing = false;

@@ -5,6 +5,7 @@
 //! (re)connect it LISTENs first and then runs catch-up, because notifications sent while it was
 //! away are gone; only then are notifications trusted again.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,13 +30,19 @@ pub fn listener_application_name(node_id: &str) -> String {
 
 /// Runs the listener until the task is aborted: connect, LISTEN, catch up, apply
 /// notifications; on any failure wait (exponential backoff) and start over.
+///
+/// Supervised and restarted if it panics: whatever it keeps across sessions is either local and
+/// fine to lose (the backoff) or kept in `inv` (the session count, so a new run's first session
+/// counts as a reconnect).
 pub(super) async fn run(inv: Arc<Invalidation>) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+    // However the run ends (a panic, an abort), the gauge must not keep saying "listening".
+    let _state = NotListening(&inv);
     let mut backoff = FIRST_BACKOFF;
-    let mut sessions = 0u64;
     loop {
         inv.set_listener(ListenerState::Connecting);
         let mut listened = false;
+        let sessions = inv.stats.listen_sessions.load(Ordering::Relaxed);
         match session(&inv, sessions, &mut listened).await {
             Ok(()) => tracing::warn!("invalidation listener connection closed; reconnecting"),
             Err(e) => {
@@ -44,11 +51,29 @@ pub(super) async fn run(inv: Arc<Invalidation>) {
         }
         if listened {
             // A session that got as far as listening restarts the backoff.
-            sessions += 1;
             backoff = FIRST_BACKOFF;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Sets the listener state back to connecting when dropped: the end of a listener run.
+struct NotListening<'a>(&'a Invalidation);
+
+impl Drop for NotListening<'_> {
+    fn drop(&mut self) {
+        self.0.set_listener(ListenerState::Connecting);
+    }
+}
+
+/// The task that drives a listener connection, aborted when dropped: a session that ends by a
+/// panic must not leave its connection open.
+struct Driver(tokio::task::JoinHandle<std::result::Result<(), tokio_postgres::Error>>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -57,7 +82,7 @@ async fn session(inv: &Invalidation, sessions_before: u64, listened: &mut bool) 
     cfg.connect_timeout(Duration::from_secs(5));
     let (client, mut connection) = cfg.connect(inv.db.tls()).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let driver = tokio::spawn(async move {
+    let mut driver = Driver(tokio::spawn(async move {
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(n))) => {
@@ -70,17 +95,16 @@ async fn session(inv: &Invalidation, sessions_before: u64, listened: &mut bool) 
                 None => return Ok(()),
             }
         }
-    });
+    }));
     let result = async {
         client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         // LISTEN first, then read the log: a change committed in between arrives both ways,
         // which is harmless; the other order could lose it.
         inv.step().await?;
         if sessions_before > 0 {
-            inv.stats
-                .reconnects
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            inv.stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+        inv.stats.listen_sessions.fetch_add(1, Ordering::Relaxed);
         *listened = true;
         inv.set_listener(ListenerState::Listening);
         tracing::info!("listening for invalidation notifications");
@@ -108,8 +132,8 @@ async fn session(inv: &Invalidation, sessions_before: u64, listened: &mut bool) 
         }
     }
     .await;
-    driver.abort();
-    match driver.await {
+    driver.0.abort();
+    match (&mut driver.0).await {
         Ok(Err(e)) => Err(e.into()),
         _ => result,
     }

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::task::JoinHandle;
 
 pub use cursor::Cursor;
 pub use deferred::{DeferredNotify, DeferredNotifyReport};
@@ -38,6 +37,14 @@ pub use report::{Channel, InvalidationReport, InvalidationStats, ListenerState, 
 use crate::cache::{Caches, Change};
 use crate::config::InvalidationConfig;
 use crate::store::Db;
+use crate::supervise::{Supervisor, Task};
+
+/// The supervised task name of the LISTEN connection.
+pub const TASK_LISTEN: &str = "listen";
+/// The supervised task name of the catch-up and pruning loop.
+pub const TASK_CATCHUP: &str = "catchup";
+/// The supervised task name of the deferred NOTIFY sender.
+pub const TASK_NOTIFIER: &str = "notifier";
 
 /// Called when [`Invalidation::apply`] has made a change's entries unservable on this node (the
 /// synchronous generation bump; their memory is freed just after): for changes delivered by the
@@ -230,32 +237,40 @@ impl Invalidation {
         self.stats.listener.store(v, Ordering::Relaxed);
     }
 
-    /// Starts the LISTEN connection (unless `OPENFHIR_PG_NOTIFY=false`), the catch-up and
-    /// pruning loop, and, when the schema allows it (`deferred_notify`), the task that sends the
-    /// NOTIFY of this node's own writes after COMMIT.
+    /// Starts, as tasks of `tasks`, the LISTEN connection (unless `OPENFHIR_PG_NOTIFY=false`),
+    /// the catch-up and pruning loop, and, when the schema allows it (`deferred_notify`), the
+    /// task that sends the NOTIFY of this node's own writes after COMMIT. All three are restarted
+    /// when they end: what they keep across runs (the cursor, the statistics, the queue of
+    /// pending notifications) lives here, not in the task.
     pub fn spawn(
         self: &Arc<Self>,
+        tasks: &Supervisor,
         cfg: &InvalidationConfig,
         deferred_notify: bool,
-    ) -> Vec<JoinHandle<()>> {
-        let mut tasks = Vec::new();
+    ) {
         if cfg.pg_notify {
-            tasks.push(tokio::spawn(listen::run(self.clone())));
+            let inv = self.clone();
+            tasks.spawn(Task::restart(TASK_LISTEN), move || listen::run(inv.clone()));
         } else {
             tracing::info!("OPENFHIR_PG_NOTIFY=false: not listening for database notifications");
         }
-        tasks.push(tokio::spawn(catchup_loop(self.clone(), cfg.clone())));
+        let (inv, cfg) = (self.clone(), cfg.clone());
+        tasks.spawn(Task::restart(TASK_CATCHUP), move || {
+            catchup_loop(inv.clone(), cfg.clone())
+        });
         if deferred_notify {
             self.deferred.set_enabled(true);
             let (deferred, db) = (self.deferred.clone(), self.db.clone());
-            tasks.push(tokio::spawn(async move { deferred.run(db).await }));
+            tasks.spawn(Task::restart(TASK_NOTIFIER), move || {
+                let (deferred, db) = (deferred.clone(), db.clone());
+                async move { deferred.run(db).await }
+            });
         } else {
             tracing::warn!(
                 "the schema predates deferred NOTIFY: this node's writes notify from the trigger \
                  (run `openfhir-cache migrate`)"
             );
         }
-        tasks
     }
 
     /// Stops deferring notifications (the triggers notify again): at shutdown.

@@ -68,6 +68,9 @@ pub struct InvalidationStats {
     pub(crate) xid_rewinds: AtomicU64,
     pub(crate) pruned: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    /// Listener sessions that got as far as listening, over every run of the listener task (a
+    /// run started again after a panic counts its first session as a reconnect).
+    pub(crate) listen_sessions: AtomicU64,
     pub(crate) listener: AtomicU8,
     pub(crate) log_head: AtomicU64,
     pub(crate) last_step_repaired: AtomicU64,

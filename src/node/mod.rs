@@ -20,6 +20,7 @@ use crate::domain::{self, Tenant};
 use crate::error::{Error, Result};
 use crate::invalidation::{Invalidation, InvalidationReport, StepReport};
 use crate::store::{Db, Written};
+use crate::supervise::Supervisor;
 
 /// Called after a cache loader read the database and before the value is cached, with the
 /// cache and the key. Lets tests pause a load at exactly that point (the eviction race).
@@ -55,6 +56,7 @@ pub struct Node {
     db: Db,
     caches: Arc<Caches>,
     cluster: Cluster,
+    tasks: Supervisor,
     load_hook: RwLock<Option<LoadHook>>,
 }
 
@@ -73,6 +75,7 @@ impl Node {
             config,
             db,
             caches,
+            tasks: Supervisor::new(),
             load_hook: RwLock::new(None),
         })
     }
@@ -143,6 +146,12 @@ impl Node {
     /// The peer cluster channel (membership, statistics, broadcast).
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
+    }
+
+    /// The supervised background tasks (see [`crate::supervise`]): their states, and, when the
+    /// node runs, what readiness says of them.
+    pub fn tasks(&self) -> &Supervisor {
+        &self.tasks
     }
 
     /// An operator's eviction (`POST /caches/evict`): applied here, recorded in the invalidation

@@ -12,8 +12,9 @@
 //! - Every module that binds a fixed address owns its `127.0.N.x` range, so modules never share
 //!   one: `cluster` 127.0.0.2-4 and 127.0.5-12.x and 127.0.73-74.x, `shutdown` 127.0.30.x,
 //!   `embedded` 127.0.31.x, `openfhir_api` 127.0.70.x, `hardening` 127.0.71.x, `bootstrap`
-//!   127.0.72.x, `metrics` 127.0.91.x, `operator_evict` 127.0.95.x. (`multicast_discovery` binds UDP on random group ports
-//!   only; the other binaries own 127.0.40.x, `cluster_flood`, and 127.0.60.x, `chaos`.)
+//!   127.0.72.x, `metrics` 127.0.91.x, `supervision` 127.0.93.x, `operator_evict` 127.0.95.x.
+//!   (`multicast_discovery` binds UDP on random group ports only; the other binaries own
+//!   127.0.40.x, `cluster_flood`, 127.0.60.x, `chaos`, and namespaces of their own, `netns`.)
 //!   Everything else binds port 0. `pg_tls` runs private servers on 127.0.0.1 at free ports.
 //!
 //! Kept out of this binary: `cluster_flood` (its flood of 1,500 connections and garbage loads
@@ -45,4 +46,5 @@ mod pg_harness;
 mod pg_tls;
 mod shutdown;
 mod stale_window;
+mod supervision;
 mod triggers;

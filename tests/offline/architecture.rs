@@ -6,10 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The library's top-level modules, lowest first: each may use only those before it.
-const LAYERS: [&str; 13] = [
+const LAYERS: [&str; 14] = [
     "config",
     "error",
     "rendered",
+    "supervise",
     "domain",
     "cache",
     "store",

@@ -7,6 +7,7 @@
 //! * Histograms are recorded where things happen: HTTP requests here (`record_http`), cache
 //!   loads in [`crate::cache`], invalidation delays in [`crate::invalidation`].
 //! * `process_*` from `/proc/self` (module `process`) and `openfhir_cache_build_info`.
+//! * The supervised background tasks' restarts and states (module `tasks`).
 //!
 //! The format follows the scraper's `Accept` header: OpenMetrics 1.0 when it asks for it (as
 //! Prometheus does), else the classic text format 0.0.4, which the route always served.
@@ -30,6 +31,7 @@ use snapshot::Snapshot;
 
 mod process;
 mod snapshot;
+mod tasks;
 
 /// Upper bounds, in seconds, of the HTTP latency histogram's buckets: a cached read takes well
 /// under a millisecond, a write a few, a cold mapper compile or a consistency wait much longer.
@@ -158,6 +160,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
          and a negative delay counts as 0",
         state.invalidation().delay_histograms().clone(),
     );
+    registry.register_collector(Box::new(tasks::Tasks(state.tasks().report())));
     registry.register_collector(Box::new(process::ProcessCollector));
     registry.register_collector(Box::new(BuildInfo));
 

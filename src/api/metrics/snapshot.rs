@@ -12,19 +12,19 @@ use crate::cluster::{ClusterReport, PeerReport, PeerState};
 use crate::invalidation::{InvalidationReport, ListenerState};
 
 /// One series: its label pairs (names fixed here, values from anywhere) and its value.
-type Sample = (Vec<(&'static str, String)>, u64);
+pub(super) type Sample = (Vec<(&'static str, String)>, u64);
 
 fn sample(v: u64) -> Sample {
     (Vec::new(), v)
 }
 
-fn labelled(name: &'static str, value: impl Into<String>, v: u64) -> Sample {
+pub(super) fn labelled(name: &'static str, value: impl Into<String>, v: u64) -> Sample {
     (vec![(name, value.into())], v)
 }
 
 /// Writes a counter family; `name` is the series name with its `_total`, as in the docs (the
 /// encoders add the suffix themselves).
-fn counter(
+pub(super) fn counter(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -39,7 +39,7 @@ fn counter(
 }
 
 /// Writes a gauge family.
-fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
+pub(super) fn gauge<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,

@@ -10,8 +10,17 @@ use super::Ctx;
 use crate::cluster::broadcast::Shared;
 
 /// Runs a catch-up step whenever a gap was seen; gaps seen during a step cause one more step.
-pub(super) async fn gap_repair(ctx: Ctx) {
+///
+/// `restarted`: an earlier run ended (it panicked), maybe after it took a gap's wake-up and before
+/// its step ran; this run then steps once at once, since that gap would otherwise wait for the
+/// next one (with periodic catch-up off, for ever).
+pub(super) async fn gap_repair(ctx: Ctx, restarted: bool) {
     let s = ctx.s.clone();
+    if restarted {
+        if let Err(e) = ctx.inv.step().await {
+            tracing::warn!(error = %e, "catch-up after gap repair restarted failed; the periodic catch-up will retry");
+        }
+    }
     loop {
         tokio::select! {
             _ = s.cancel.cancelled() => return,

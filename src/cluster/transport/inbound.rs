@@ -118,7 +118,10 @@ fn known_peer_ip(s: &Shared, ip: IpAddr) -> bool {
     s.discovered.borrow().iter().any(is) || s.learned.borrow().iter().any(is)
 }
 
-pub(super) async fn accept_loop(listener: TcpListener, ctx: Ctx) {
+/// Accepts peers' connections until the channel is left. The listener is shared, so a run
+/// started again after a panic accepts on the same socket; connections accepted by an ended run
+/// go on in their own tasks.
+pub(super) async fn accept_loop(listener: Arc<TcpListener>, ctx: Ctx) {
     let s = ctx.s.clone();
     let gate = HandshakeGate::new();
     loop {

@@ -10,12 +10,14 @@ mod health;
 mod inbound;
 mod outbound;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use super::broadcast::{Cluster, Shared};
 use super::discovery;
@@ -24,6 +26,7 @@ use super::wire::RejectReason;
 use crate::config::Discovery;
 use crate::error::{Error, Result};
 use crate::invalidation::Invalidation;
+use crate::supervise::{Supervisor, Task};
 
 /// What the transport's tasks share: the channel's state and the node's invalidation
 /// machinery, which applies what peers announce (the transport knows nothing else of the node).
@@ -36,9 +39,33 @@ struct Ctx {
 /// Limit on a whole handshake, either side.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Supervised task name: accepts peers' connections (the shared listener).
+pub const TASK_ACCEPT: &str = "cluster.accept";
+/// Supervised task name: dials every known address (one dialer task per address, owned by this task).
+pub const TASK_RECONCILE: &str = "cluster.reconcile";
+/// Supervised task name: moves silent peers to suspect and gone.
+pub const TASK_FAILURE_DETECTOR: &str = "cluster.failure_detector";
+/// Supervised task name: runs a catch-up step when a peer's sequence shows a gap.
+pub const TASK_GAP_REPAIR: &str = "cluster.gap_repair";
+/// Supervised task name: the discovery mode's task (`MULTICAST`, `DNS` or `TCP`).
+pub const TASK_DISCOVERY: &str = "cluster.discovery";
+
 /// Binds the cluster port and starts discovery, the listener, the dialers, failure detection and
-/// gap repair. Fails if the port cannot be bound.
-pub async fn start(cluster: Cluster, inv: Arc<Invalidation>) -> Result<Vec<JoinHandle<()>>> {
+/// gap repair as tasks of `tasks`, each restarted if it ends before the channel is left. Fails
+/// if the port cannot be bound.
+///
+/// What a restart keeps: the bound listener (shared, so the port stays ours and no connection
+/// attempt is refused meanwhile), the membership table, links, counters and the discovery status
+/// (all in the shared channel state), and the last set discovery published. What it resets: the
+/// handshake gate (its slots are held by the running handshakes, which go on), the dialers (a
+/// reconcile run cancels its own when it ends, and the next one dials every address again, so
+/// outbound links reconnect once), gap repair's wake-up (a restarted run steps once at once, in
+/// case the ended run took a gap's wake-up without stepping), and discovery's own state. `TCP`
+/// and `DNS` publish their whole set again at the first round; `MULTICAST` starts from an empty
+/// table, so an address not announced since the restart leaves the discovered set until its next
+/// announcement (one interval); a peer linked to this node stays dialed meanwhile, as its address
+/// is also learned.
+pub async fn start(cluster: Cluster, inv: Arc<Invalidation>, tasks: &Supervisor) -> Result<()> {
     let s = cluster.shared.clone();
     let ctx = Ctx { s: s.clone(), inv };
     let bind = SocketAddr::new(s.config.bind_addr, s.config.port);
@@ -62,30 +89,42 @@ pub async fn start(cluster: Cluster, inv: Arc<Invalidation>) -> Result<Vec<JoinH
         discovery = ?s.config.discovery,
         "cluster channel listening"
     );
-    let mut tasks = vec![
-        tokio::spawn(inbound::accept_loop(listener, ctx.clone())),
-        tokio::spawn(outbound::reconcile(ctx.clone())),
-        tokio::spawn(health::failure_detector(s.clone())),
-        tokio::spawn(health::gap_repair(ctx)),
-    ];
-    tasks.push(spawn_discovery(&s, local));
-    Ok(tasks)
+    let listener = Arc::new(listener);
+    let task = |name| Task::restart(name).until(s.cancel.clone());
+    let c = ctx.clone();
+    tasks.spawn(task(TASK_ACCEPT), move || {
+        inbound::accept_loop(listener.clone(), c.clone())
+    });
+    let c = ctx.clone();
+    tasks.spawn(task(TASK_RECONCILE), move || outbound::reconcile(c.clone()));
+    let sh = s.clone();
+    tasks.spawn(task(TASK_FAILURE_DETECTOR), move || {
+        health::failure_detector(sh.clone())
+    });
+    let (c, started) = (ctx, AtomicBool::new(false));
+    tasks.spawn(task(TASK_GAP_REPAIR), move || {
+        health::gap_repair(c.clone(), started.swap(true, Ordering::Relaxed))
+    });
+    let sh = s.clone();
+    tasks.spawn(task(TASK_DISCOVERY), move || discovery_run(&sh, local));
+    Ok(())
 }
 
-fn spawn_discovery(s: &Arc<Shared>, local: SocketAddr) -> JoinHandle<()> {
+/// One run of the configured discovery mode's task.
+fn discovery_run(s: &Arc<Shared>, local: SocketAddr) -> Pin<Box<dyn Future<Output = ()> + Send>> {
     let cfg = &s.config;
     let tx = s.discovered.clone();
     let status = s.discovery.clone();
     let cancel = s.cancel.clone();
     match cfg.discovery {
-        Discovery::Tcp => tokio::spawn(discovery::tcp::run(
+        Discovery::Tcp => Box::pin(discovery::tcp::run(
             cfg.initial_hosts.clone(),
             Duration::from_secs(cfg.dns_interval),
             tx,
             status,
             cancel,
         )),
-        Discovery::Dns => tokio::spawn(discovery::dns::run(
+        Discovery::Dns => Box::pin(discovery::dns::run(
             discovery::dns::DnsSettings {
                 query: cfg.dns_query.clone().unwrap_or_default(),
                 port: if cfg.port == 0 {
@@ -100,7 +139,7 @@ fn spawn_discovery(s: &Arc<Shared>, local: SocketAddr) -> JoinHandle<()> {
             status,
             cancel,
         )),
-        Discovery::Multicast => tokio::spawn(discovery::multicast::run(
+        Discovery::Multicast => Box::pin(discovery::multicast::run(
             discovery::multicast::MulticastSettings {
                 group: cfg.multicast_addr,
                 bind_addr: cfg.bind_addr,

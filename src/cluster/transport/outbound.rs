@@ -30,6 +30,11 @@ pub(super) async fn reconcile(ctx: Ctx) {
     let mut discovered = s.discovered.subscribe();
     let mut learned = s.learned.subscribe();
     let mut dialers: std::collections::HashMap<SocketAddr, CancellationToken> = Default::default();
+    // The dialers belong to this run: when it ends (a panic; it is then started again and dials
+    // every address anew), they stop with it, so no dialer is left that nothing can cancel when
+    // its address vanishes, and no address gets two.
+    let run = s.cancel.child_token();
+    let _dialers_stop = run.clone().drop_guard();
     let own = s.local_addr.get().copied();
     loop {
         let mut targets: Addrs = discovered
@@ -52,7 +57,7 @@ pub(super) async fn reconcile(ctx: Ctx) {
         });
         for addr in targets {
             dialers.entry(addr).or_insert_with(|| {
-                let cancel = s.cancel.child_token();
+                let cancel = run.child_token();
                 tokio::spawn(dial(addr, ctx.clone(), cancel.clone()));
                 cancel
             });
