@@ -17,9 +17,8 @@
 //! - `dns_server_in_its_own_namespace`: DNS discovery asking a DNS server that runs in a fourth
 //!   namespace.
 //! - `tcp_one_sided_hosts`: TCP discovery where only node 0 lists the others: node 0 links
-//!   with both and propagates both ways. `tcp_one_sided_hosts_full_mesh` (ignored: it fails
-//!   today) requires nodes 1 and 2 to link too, which needs a peer-list exchange the cluster
-//!   channel does not have.
+//!   with both and propagates both ways. `tcp_one_sided_hosts_full_mesh`: nodes 1 and 2 link
+//!   too, from the peer lists in node 0's heartbeats.
 //! - `partition_under_load`: one node's veth goes down under a read/write load, then up: no
 //!   stale read once it is back and settled, and every key on every node equals the database.
 //! - `rolling_restart_under_load`: every node in turn gets SIGTERM and is started again while a
@@ -247,11 +246,10 @@ fn tcp_one_sided_hosts() {
     });
 }
 
-/// What issue 16 asks of one-sided TCP hosts: all three link. Nodes 1 and 2 never learn of each
-/// other (the peer channel does not pass on the peers it knows), so this fails today; it needs
-/// a change in `src/cluster/transport/`, outside this test's remit.
+/// What issue 16 asks of one-sided TCP hosts: all three link. Nodes 1 and 2 list only
+/// themselves; they learn of each other from node 0's heartbeats, which list its peers in TCP
+/// discovery (`src/cluster/transport/gossip.rs`).
 #[test]
-#[ignore = "fails today: with one-sided CLUSTER_INITIAL_HOSTS nodes 1 and 2 never link (no peer-list exchange in src/cluster/transport)"]
 fn tcp_one_sided_hosts_full_mesh() {
     block_on(async {
         let s = one_sided(7, "tcp_one_sided_mesh");

@@ -122,6 +122,10 @@ pub(crate) struct Shared {
     pub discovered: watch::Sender<Addrs>,
     /// Advertised addresses of peers that connected to this node: dialed back.
     pub learned: watch::Sender<Addrs>,
+    /// Addresses that peers' heartbeats listed (TCP discovery), with when they were last listed:
+    /// also in `learned` (so they are dialed) until nobody lists them for
+    /// [`Timing::gone_after`] and no peer is alive there.
+    pub gossiped: Mutex<HashMap<SocketAddr, Instant>>,
     /// Addresses that turned out to be this node itself.
     pub own_addrs: Mutex<BTreeSet<SocketAddr>>,
     /// Wakes the gap catch-up task.
@@ -179,6 +183,7 @@ impl Cluster {
                 discovery: Arc::new(discovery::Status::default()),
                 discovered: watch::Sender::new(Addrs::new()),
                 learned: watch::Sender::new(Addrs::new()),
+                gossiped: Mutex::new(HashMap::new()),
                 own_addrs: Mutex::new(BTreeSet::new()),
                 gap: Notify::new(),
                 cancel: CancellationToken::new(),

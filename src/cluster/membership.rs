@@ -346,6 +346,16 @@ impl Membership {
         self.peers.get(node_id).map(|e| e.state)
     }
 
+    /// The cluster addresses of the peers alive now (what a heartbeat tells the others in TCP
+    /// discovery), in no particular order.
+    pub fn alive_addrs(&self) -> Vec<SocketAddr> {
+        self.peers
+            .values()
+            .filter(|e| e.state == PeerState::Alive)
+            .map(|e| e.addr)
+            .collect()
+    }
+
     /// The peer's address, if known.
     pub fn addr(&self, node_id: &str) -> Option<SocketAddr> {
         self.peers.get(node_id).map(|e| e.addr)

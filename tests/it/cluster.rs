@@ -386,6 +386,7 @@ async fn garbage_oversized_and_forged_frames_do_not_disturb_the_cluster() {
             origin: "forger".into(),
             seq: 0,
             at_unix_ms: 0,
+            peers: Vec::new(),
         }),
     );
     let mut sealed = sealer.seal(&env.encode().unwrap()).unwrap();

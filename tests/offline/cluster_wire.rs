@@ -214,6 +214,7 @@ fn heartbeat(origin: &str, seq: u64) -> Envelope {
             origin: origin.into(),
             seq,
             at_unix_ms: 1_700_000_000_000 + seq,
+            peers: Vec::new(),
         }),
     )
 }

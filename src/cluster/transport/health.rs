@@ -57,5 +57,6 @@ pub(super) async fn failure_detector(s: Arc<Shared>) {
                 s.learned.send_if_modified(|l| l.remove(&a));
             }
         }
+        super::gossip::expire(&s, Instant::now());
     }
 }

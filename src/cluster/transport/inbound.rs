@@ -281,6 +281,7 @@ async fn receive(
                     st.members.heard(&peer.node_id, now);
                     st.members.heartbeat_seq(&peer.node_id, hb.seq)
                 };
+                super::gossip::heard(&s, &hb.peers, now);
                 if check == SeqCheck::Gap {
                     tracing::info!(peer = %peer.node_id, seq = hb.seq, "a peer's heartbeat shows missed invalidations; catching up from the database");
                     s.gap.notify_one();

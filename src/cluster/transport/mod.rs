@@ -6,6 +6,7 @@
 //! `super::pipe` for how the two keep order). A peer that connects to us is dialed back at the IP
 //! it connects from and the port it advertised, so discovery only has to work one way.
 
+mod gossip;
 mod health;
 mod inbound;
 mod outbound;

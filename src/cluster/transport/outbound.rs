@@ -286,6 +286,7 @@ impl Writer {
 
     async fn heartbeat(&self) -> std::result::Result<(), WireError> {
         let origin = self.s.node_id.clone();
+        let peers = super::gossip::to_send(&self.s);
         self.send(|seq| {
             let at_unix_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -295,6 +296,7 @@ impl Writer {
                 origin,
                 seq,
                 at_unix_ms,
+                peers,
             })
         })
         .await

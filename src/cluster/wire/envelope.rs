@@ -161,6 +161,10 @@ mod tests {
                 origin: "n1".into(),
                 seq: 1,
                 at_unix_ms: 1_700_000_000_000,
+                peers: vec![
+                    "10.0.0.2:7800".parse().unwrap(),
+                    "[fd00::3]:7800".parse().unwrap(),
+                ],
             }),
             Message::Leave(Leave {
                 origin: "n1".into(),

@@ -137,7 +137,16 @@ pub struct Heartbeat {
     pub seq: u64,
     /// The origin's wall clock, in milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
+    /// TCP discovery only: the cluster addresses of the peers the origin is linked with, so that
+    /// nodes whose `CLUSTER_INITIAL_HOSTS` list only some of the others still find every node
+    /// (at most [`MAX_GOSSIP`] are read).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<std::net::SocketAddr>,
 }
+
+/// Most peer addresses read from one [`Heartbeat`]: more than any real cluster has, few enough
+/// that a hostile peer cannot make a node dial the world.
+pub const MAX_GOSSIP: usize = 256;
 
 /// The origin is shutting down cleanly: drop it from membership at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -35,6 +35,7 @@ pub use frame::{
 pub use hex::{Sealed, Tag};
 pub use message::{
     Card, Confirm, Heartbeat, Hello, Invalidate, Leave, Message, Reject, RejectReason, Welcome,
+    MAX_GOSSIP,
 };
 
 /// Magic number on every envelope: `"OFC1"` in ASCII (`0x4F464331`).
