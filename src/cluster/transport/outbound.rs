@@ -30,6 +30,10 @@ pub(super) async fn reconcile(ctx: Ctx) {
     let mut discovered = s.discovered.subscribe();
     let mut learned = s.learned.subscribe();
     let mut dialers: std::collections::HashMap<SocketAddr, CancellationToken> = Default::default();
+    // Every dialer's end is observed here: one that panics takes this run down with it, so the
+    // supervisor logs it and starts reconcile again, which dials every address anew.
+    // (Detached, not aborted, when this run ends: the cancelled dialers must unwind their links.)
+    let mut running = DialerSet(tokio::task::JoinSet::new());
     // The dialers belong to this run: when it ends (a panic; it is then started again and dials
     // every address anew), they stop with it, so no dialer is left that nothing can cancel when
     // its address vanishes, and no address gets two.
@@ -58,7 +62,7 @@ pub(super) async fn reconcile(ctx: Ctx) {
         for addr in targets {
             dialers.entry(addr).or_insert_with(|| {
                 let cancel = run.child_token();
-                tokio::spawn(dial(addr, ctx.clone(), cancel.clone()));
+                running.0.spawn(dial(addr, ctx.clone(), cancel.clone()));
                 cancel
             });
         }
@@ -66,7 +70,23 @@ pub(super) async fn reconcile(ctx: Ctx) {
             _ = s.cancel.cancelled() => return,
             r = discovered.changed() => if r.is_err() { return },
             r = learned.changed() => if r.is_err() { return },
+            Some(Err(e)) = running.0.join_next(), if !running.0.is_empty() => {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
         }
+    }
+}
+
+/// The dialers of one reconcile run. Dropping a `JoinSet` aborts its tasks, which would skip the
+/// dialers' own clean-up (their links and membership); they are cancelled through their token
+/// instead, so they are detached here.
+struct DialerSet(tokio::task::JoinSet<()>);
+
+impl Drop for DialerSet {
+    fn drop(&mut self) {
+        self.0.detach_all();
     }
 }
 
