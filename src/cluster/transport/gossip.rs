@@ -77,3 +77,60 @@ pub(super) fn expire(s: &Shared, now: Instant) {
         s.learned.send_if_modified(|l| l.remove(&a));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Cluster;
+
+    fn cluster(discovery: Discovery) -> Cluster {
+        let mut cfg = crate::config::Config::default().cluster;
+        cfg.discovery = discovery;
+        Cluster::new(&cfg, "self")
+    }
+
+    #[test]
+    fn listed_addresses_are_dialed_until_nobody_lists_them() {
+        let c = cluster(Discovery::Tcp);
+        let s = &c.shared;
+        let me: SocketAddr = "10.0.0.1:7800".parse().unwrap();
+        let _ = s.local_addr.set(me);
+        let peer: SocketAddr = "10.0.0.3:7800".parse().unwrap();
+        let t0 = Instant::now();
+        heard(s, &[me, peer, "0.0.0.0:7800".parse().unwrap()], t0);
+        assert_eq!(
+            s.learned.borrow().iter().copied().collect::<Vec<_>>(),
+            vec![peer],
+            "its own and unspecified addresses are not dialed"
+        );
+        // Listed again later: kept past the first listing's limit.
+        let later = t0 + s.timing.gone_after;
+        heard(s, &[peer], later);
+        expire(s, later + s.timing.gone_after / 2);
+        assert!(s.learned.borrow().contains(&peer));
+        expire(s, later + s.timing.gone_after * 2);
+        assert!(
+            s.learned.borrow().is_empty(),
+            "forgotten once nobody lists it"
+        );
+    }
+
+    #[test]
+    fn other_discovery_modes_neither_send_nor_take_lists() {
+        let c = cluster(Discovery::Multicast);
+        let s = &c.shared;
+        heard(s, &["10.0.0.3:7800".parse().unwrap()], Instant::now());
+        assert!(s.learned.borrow().is_empty());
+        assert!(to_send(s).is_empty());
+        let many: Vec<SocketAddr> = (0..1000u32)
+            .map(|i| SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 7800)))
+            .collect();
+        let tcp = cluster(Discovery::Tcp);
+        heard(&tcp.shared, &many, Instant::now());
+        assert_eq!(
+            tcp.shared.learned.borrow().len(),
+            MAX_GOSSIP,
+            "at most MAX_GOSSIP taken"
+        );
+    }
+}
