@@ -234,14 +234,15 @@ fn helper_heap(h: &Helper) -> usize {
 /// the copies a use makes are not in the cache).
 impl Footprint for HelperTree {
     fn footprint(&self) -> usize {
-        let unresolved = self.unresolved();
+        // The template id, the root list, the unresolved list, then the one empty child list
+        // every leaf shares, then the nodes.
         std::mem::size_of::<Self>()
             + arc_str(self.template_id())
             + ARC_HEADER
-            + self.roots().len() * std::mem::size_of::<std::sync::Arc<Helper>>()
+            + std::mem::size_of_val(self.roots())
             + ARC_HEADER
             + std::mem::size_of::<Vec<String>>()
-            + strings_heap(unresolved)
+            + strings_heap(self.unresolved())
             + ARC_HEADER
             + self.iter().map(helper_heap).sum::<usize>()
     }
