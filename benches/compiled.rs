@@ -3,7 +3,8 @@
 //!
 //! * OPT parse, by size (the fixture, ~300 KB and ~3 MB);
 //! * mapper compile vs a cached mapper fetch;
-//! * helper build vs an isolated helper copy (what every request gets).
+//! * helper build vs an isolated helper copy (what every request gets: it shares the cached
+//!   tree's nodes), and a copy that then writes one deep helper's state (copying that path).
 //!
 //! `cargo bench --bench compiled`
 
@@ -112,11 +113,23 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
+    // The deepest helper: writing it copies the longest path.
+    let deep = tree.deepest_path();
     let mut g = c.benchmark_group("helpers");
     g.bench_function("build", |b| {
         b.iter(|| helpers::build(black_box(&index), black_box(&template)))
     });
     g.bench_function("copy", |b| b.iter(|| black_box(&tree).clone()));
+    g.bench_function("copy_and_write_one_state", |b| {
+        b.iter(|| {
+            let mut copy = black_box(&tree).clone();
+            if let Some(h) = copy.get_mut(black_box(&deep)) {
+                h.state_mut()
+                    .insert("value".into(), serde_json::Value::from(1.8));
+            }
+            copy
+        })
+    });
     g.finish();
 }
 

@@ -141,7 +141,7 @@ async fn work(node: &Arc<Node>) -> Result<Summary> {
         merged_extensions: mapper.index.merged_extensions.clone(),
         compile_us: mapper.compile_us,
         helpers: helpers.iter().count(),
-        helpers_resolved: helpers.iter().filter(|h| h.resolved).count(),
+        helpers_resolved: helpers.iter().filter(|h| h.resolved()).count(),
     })
 }
 

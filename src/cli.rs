@@ -53,7 +53,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub quick: bool,
 
-    /// Run only this scenario (repeatable): read, cold-start, propagation, scale, write, catchup.
+    /// Run only this scenario (repeatable): read, cold-start, propagation, scale, write, catchup,
+    /// helpers.
     #[arg(long = "scenario", value_name = "NAME", value_enum)]
     pub scenarios: Vec<openfhir_cache::bench::Scenario>,
 

@@ -82,6 +82,7 @@ fn bench_quick_writes_a_complete_report() {
         "scale",
         "write",
         "catchup",
+        "helpers",
     ] {
         assert!(
             json[scenario].is_object(),
@@ -94,6 +95,12 @@ fn bench_quick_writes_a_complete_report() {
         .is_some_and(|v| v.contains("PostgreSQL")));
     let targets = json["targets"].as_array().expect("targets");
     assert!(targets.len() >= 10, "{targets:?}");
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["id"] == "helpers_copy" && t["met"].is_boolean()),
+        "{targets:?}"
+    );
     let svg = std::fs::read_to_string(report.join("scale.svg")).expect("scale.svg");
     assert!(svg.contains("<svg"), "scale.svg is not SVG");
 

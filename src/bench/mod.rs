@@ -13,6 +13,8 @@
 //! * [`Scenario::Scale`]: peer-channel propagation, memory and connections for 2 to 32 nodes.
 //! * [`Scenario::Write`]: upserts with the invalidation triggers and NOTIFY against without them.
 //! * [`Scenario::Catchup`]: replaying 10,000 and 100,000 invalidation-log rows.
+//! * [`Scenario::Helpers`]: an isolated copy of a helper tree (what each use gets) against a
+//!   rebuild, in-process.
 //!
 //! The harness creates a throwaway database (or uses the given one with `--in-place`), starts
 //! the nodes it needs in this process on loopback addresses, writes a report directory (JSON,
@@ -22,6 +24,7 @@ mod catchup;
 mod cold;
 pub mod data;
 mod harness;
+mod helpers;
 mod propagation;
 mod read;
 pub mod report;
@@ -53,17 +56,20 @@ pub enum Scenario {
     Write,
     /// Replaying 10,000 and 100,000 invalidation-log rows.
     Catchup,
+    /// An isolated helper-tree copy (and one with a deep write) against a rebuild, in-process.
+    Helpers,
 }
 
 impl Scenario {
     /// Every scenario, in run order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Read,
         Scenario::ColdStart,
         Scenario::Propagation,
         Scenario::Scale,
         Scenario::Write,
         Scenario::Catchup,
+        Scenario::Helpers,
     ];
 
     /// The name used on the command line and in the report.
@@ -75,6 +81,7 @@ impl Scenario {
             Scenario::Scale => "scale",
             Scenario::Write => "write",
             Scenario::Catchup => "catchup",
+            Scenario::Helpers => "helpers",
         }
     }
 }
@@ -123,6 +130,12 @@ pub struct Sizes {
     pub catchup_rows: Vec<usize>,
     /// Repeats per backlog.
     pub catchup_repeats: usize,
+    /// Samples of each helper-tree operation (build, copy, copy and write).
+    pub helper_samples: usize,
+    /// Helper-tree builds per sample.
+    pub helper_builds: usize,
+    /// Helper-tree copies (and copies with a write) per sample.
+    pub helper_copies: usize,
 }
 
 impl Sizes {
@@ -142,6 +155,9 @@ impl Sizes {
                 write_cell: Duration::from_millis(800),
                 catchup_rows: vec![10_000, 100_000],
                 catchup_repeats: 1,
+                helper_samples: 15,
+                helper_builds: 200,
+                helper_copies: 2_000,
             }
         } else {
             Sizes {
@@ -157,6 +173,9 @@ impl Sizes {
                 write_cell: Duration::from_secs(5),
                 catchup_rows: vec![10_000, 100_000],
                 catchup_repeats: 3,
+                helper_samples: 51,
+                helper_builds: 1_000,
+                helper_copies: 10_000,
             }
         }
     }
@@ -252,6 +271,7 @@ async fn run_scenarios(h: &Harness, scenarios: &[Scenario]) -> BenchResult<Repor
             Scenario::Scale => report.scale = Some(scale::run(h).await?),
             Scenario::Write => report.write = Some(write::run(h).await?),
             Scenario::Catchup => report.catchup = Some(catchup::run(h).await?),
+            Scenario::Helpers => report.helpers = Some(helpers::run(h).await?),
         }
         report
             .meta

@@ -8,16 +8,18 @@
 //!
 //! * Trees we own ([`TemplateTree`](crate::domain::opt::TemplateTree), [`serde_json::Value`]) are
 //!   walked field by field.
-//! * Typed FHIR Connect documents, mappers and helper trees are deep structures of strings,
-//!   vectors and maps with serde derives; their weight is the length of their JSON encoding
-//!   (counted without building it) times [`TYPED_PER_JSON_BYTE`], which covers the per-string
-//!   and per-collection headers the text does not show.
+//! * Helper trees ([`HelperTree`]) are walked node by node too: their nodes and strings sit
+//!   behind `Arc`s, whose headers and per-node sizes the JSON text does not reflect.
+//! * Typed FHIR Connect documents and mappers are deep structures of strings, vectors and maps
+//!   with serde derives; their weight is the length of their JSON encoding (counted without
+//!   building it) times [`TYPED_PER_JSON_BYTE`], which covers the per-string and per-collection
+//!   headers the text does not show.
 
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::domain::fc_model::ModelDocument;
-use crate::domain::helpers::HelperTree;
+use crate::domain::helpers::{Helper, HelperTree};
 use crate::domain::mapper::CompiledMapper;
 use crate::domain::{FcDocument, FcList, OptDocument, Tenant};
 
@@ -73,16 +75,22 @@ pub fn json_heap(v: &Value) -> usize {
         Value::Array(a) => {
             a.capacity() * std::mem::size_of::<Value>() + a.iter().map(json_heap).sum::<usize>()
         }
-        Value::Object(m) => {
-            // serde_json's map is a B-tree: nodes of 11 slots (key, value), at least half full
-            // except the root, so even a one-entry map pays a whole node.
-            let nodes = m.len().div_ceil(5).max(1);
-            nodes * BTREE_NODE
-                + m.iter()
-                    .map(|(k, v)| k.capacity() + json_heap(v))
-                    .sum::<usize>()
-        }
+        Value::Object(m) => json_map_heap(m),
     }
+}
+
+/// Heap bytes of a JSON object's map, walked node by node (an empty map holds none).
+pub fn json_map_heap(m: &serde_json::Map<String, Value>) -> usize {
+    if m.is_empty() {
+        return 0;
+    }
+    // serde_json's map is a B-tree: nodes of 11 slots (key, value), at least half full except
+    // the root, so even a one-entry map pays a whole node.
+    let nodes = m.len().div_ceil(5).max(1);
+    nodes * BTREE_NODE
+        + m.iter()
+            .map(|(k, v)| k.capacity() + json_heap(v))
+            .sum::<usize>()
 }
 
 /// Length of `v`'s JSON encoding, counted as it is written (nothing is built).
@@ -199,9 +207,44 @@ impl Footprint for CompiledMapper {
     }
 }
 
+/// Bytes of an `Arc<str>` holding `s`: the two counts and the text.
+fn arc_str(s: &str) -> usize {
+    ARC_HEADER + s.len()
+}
+
+/// One helper node: its `Arc` block, its strings, its child list and its state. A model's name
+/// is one string shared by all its helpers, charged to each of them (on the high side).
+fn helper_heap(h: &Helper) -> usize {
+    let children = match h.children().len() {
+        // Every leaf shares one empty list, charged once per tree.
+        0 => 0,
+        n => ARC_HEADER + n * std::mem::size_of::<std::sync::Arc<Helper>>(),
+    };
+    ARC_HEADER
+        + std::mem::size_of::<Helper>()
+        + arc_str(h.model())
+        + arc_str(h.mapping())
+        + h.fhir_path().map_or(0, arc_str)
+        + h.openehr_path().map_or(0, arc_str)
+        + children
+        + json_map_heap(h.state())
+}
+
+/// A tree as the cache holds it: every node counted once (in a built tree no node is shared;
+/// the copies a use makes are not in the cache).
 impl Footprint for HelperTree {
     fn footprint(&self) -> usize {
-        std::mem::size_of::<Self>() + typed(self)
+        // The template id, the root list, the unresolved list, then the one empty child list
+        // every leaf shares, then the nodes.
+        std::mem::size_of::<Self>()
+            + arc_str(self.template_id())
+            + ARC_HEADER
+            + std::mem::size_of_val(self.roots())
+            + ARC_HEADER
+            + std::mem::size_of::<Vec<String>>()
+            + strings_heap(self.unresolved())
+            + ARC_HEADER
+            + self.iter().map(helper_heap).sum::<usize>()
     }
 }
 

@@ -107,6 +107,11 @@ impl Node {
 
     /// An isolated copy of the helper tree for one use: mutating it never changes the cached
     /// tree or another request's copy.
+    ///
+    /// The copy shares every node with the cached tree (it costs three reference-count
+    /// increments, not a walk of the tree); writes through
+    /// [`HelperTree::get_mut`](crate::domain::helpers::HelperTree::get_mut) copy only the path to
+    /// the node written.
     pub async fn helpers_copy(
         &self,
         tenant: &str,

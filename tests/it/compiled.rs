@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use common::{spawn_app, TestApp};
 use openfhir_cache::cache::CacheName;
+use openfhir_cache::domain::helpers::{Helper, HelperTree};
 
 fn fixture(name: &str) -> String {
     std::fs::read_to_string(format!(
@@ -220,35 +221,103 @@ async fn two_hundred_concurrent_cold_requests_compile_once() {
     assert_eq!(app.stats(CacheName::Mapper).await.stats.loads, compiles + 1);
 }
 
+/// The index path of the deepest helper of `t` (the first one found at that depth).
+fn deepest(t: &HelperTree) -> Vec<usize> {
+    fn walk(h: &[Arc<Helper>], here: &mut Vec<usize>, best: &mut Vec<usize>) {
+        for (i, c) in h.iter().enumerate() {
+            here.push(i);
+            if here.len() > best.len() {
+                *best = here.clone();
+            }
+            walk(c.children(), here, best);
+            here.pop();
+        }
+    }
+    let mut best = Vec::new();
+    walk(t.roots(), &mut Vec::new(), &mut best);
+    best
+}
+
 #[tokio::test]
 async fn every_use_of_the_helpers_gets_an_isolated_copy() {
     let app = spawn_app().await;
     upload_all(&app).await;
-    let mut mine = app
-        .node
-        .helpers_copy("default", "growth_chart")
-        .await
-        .unwrap();
-    let theirs = app
-        .node
-        .helpers_copy("default", "growth_chart")
-        .await
-        .unwrap();
-    mine.roots[0]
-        .state
+    let copy = || app.node.helpers_copy("default", "growth_chart");
+    let mut mine = copy().await.unwrap();
+    let theirs = copy().await.unwrap();
+    let cached = app.node.helpers("default", "growth_chart").await.unwrap();
+    let snapshot = (*cached).clone();
+
+    // A deep node: its state and a field change in `mine` only.
+    let path = deepest(&mine);
+    assert!(
+        path.len() >= 2,
+        "the growth chart has nested helpers: {path:?}"
+    );
+    let node = mine.get_mut(&path).unwrap();
+    node.state_mut()
         .insert("request".into(), serde_json::json!("mine"));
-    mine.roots[0].fhir_path = Some("changed".into());
-    let again = app
-        .node
-        .helpers_copy("default", "growth_chart")
-        .await
-        .unwrap();
+    node.set_fhir_path(Some("changed"));
+    mine.get_mut(&path[..1])
+        .unwrap()
+        .state_mut()
+        .insert("seen".into(), serde_json::json!(true));
+
+    let again = copy().await.unwrap();
     assert_eq!(
         theirs, again,
         "the cached tree and other copies are untouched"
     );
-    assert!(again.roots[0].state.is_empty());
+    assert_eq!(*cached, snapshot, "the cached tree is untouched");
+    assert_eq!(
+        *app.node.helpers("default", "growth_chart").await.unwrap(),
+        snapshot
+    );
+    for t in [&theirs, &again, &*cached] {
+        assert!(t.iter().all(|h| h.state().is_empty()));
+        assert_ne!(t.get(&path).unwrap().fhir_path(), Some("changed"));
+    }
+    assert_eq!(mine.get(&path).unwrap().state()["request"], "mine");
     assert_ne!(mine, again);
+
+    // The sharing: copies that wrote nothing share the cached tree's nodes; `mine` copied the
+    // nodes on the path to the node it wrote, and shares everything off that path.
+    for t in [&theirs, &again] {
+        assert!(std::ptr::eq(t.roots(), cached.roots()));
+    }
+    let (mut m, mut c): (&[Arc<Helper>], &[Arc<Helper>]) = (mine.roots(), cached.roots());
+    for &step in &path {
+        assert_eq!(m.len(), c.len());
+        for i in 0..m.len() {
+            assert_eq!(
+                Arc::ptr_eq(&m[i], &c[i]),
+                i != step,
+                "only the node on the path is copied (index {i} at step {step} of {path:?})"
+            );
+        }
+        (m, c) = (m[step].children(), c[step].children());
+    }
+    // Below the written node, its children (if any) are still shared.
+    for (a, b) in m.iter().zip(c) {
+        assert!(Arc::ptr_eq(a, b));
+    }
+}
+
+/// `GET /fc/helpers/{id}` answers the bytes it answered before the tree's nodes were shared
+/// (`tests/fixtures/growth_chart.helpers.json` was written by the owned tree).
+#[tokio::test]
+async fn the_helpers_json_is_byte_for_byte_what_it_was() {
+    let app = spawn_app().await;
+    upload_all(&app).await;
+    let r = app
+        .client
+        .get(app.url("/fc/helpers/growth_chart"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert_eq!(body, fixture("growth_chart.helpers.json").trim_end());
 }
 
 #[tokio::test]

@@ -1291,7 +1291,7 @@ fn helper_trees_are_bounded_in_bytes() {
     let (t, usage) = measure(|| helpers::build(&index, &tree));
     assert!(usage.peak < 3 * MAX_TREE_BYTES, "{usage:?}");
     assert!(t.iter().count() < n, "the budget stopped the expansion");
-    assert!(t.unresolved.iter().any(|u| u.starts_with("limit: ")));
+    assert!(t.unresolved().iter().any(|u| u.starts_with("limit: ")));
 }
 
 /// The worst shapes for memory at the FHIR Connect body limit (OPENFHIR_MAX_FC_BODY_BYTES),

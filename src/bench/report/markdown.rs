@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use super::Report;
 use crate::bench::catchup::CatchupReport;
 use crate::bench::cold::ColdReport;
+use crate::bench::helpers::HelpersReport;
 use crate::bench::propagation::PropagationReport;
 use crate::bench::read::{Artifact, Path, ReadReport};
 use crate::bench::scale::ScaleReport;
@@ -59,6 +60,9 @@ impl Report {
         }
         if let Some(c) = &self.catchup {
             s.push_str(&catchup_md(c));
+        }
+        if let Some(h) = &self.helpers {
+            s.push_str(&helpers_md(h));
         }
         s
     }
@@ -308,4 +312,35 @@ fn catchup_md(c: &CatchupReport) -> String {
     }
     s.push('\n');
     s
+}
+
+/// A duration given in nanoseconds: `ns` below a microsecond, else as [`fmt_us`].
+pub(super) fn fmt_ns(ns: f64) -> String {
+    if ns.is_finite() && ns < 1000.0 {
+        format!("{ns:.0} ns")
+    } else {
+        fmt_us(ns / 1000.0)
+    }
+}
+
+fn helpers_md(h: &HelpersReport) -> String {
+    format!(
+        "## Helper trees\n\nWhat one use of a template's helper tree costs against building it \
+         again, in-process on the growth chart's tree ({} helpers): an isolated copy (a `clone`, \
+         which shares every node with the cached tree), and a copy that then writes the state of \
+         the deepest helper (depth {}; the nodes on its path are copied). Medians of {} samples, \
+         interleaved; a sample is the mean of {} builds or {} copies.\n\n| operation | per use | \
+         rebuild / this |\n|---|---|---|\n| build (`helpers::build`) | {} | 1x |\n\
+         | isolated copy | {} | {} |\n| copy, then write one deep state | {} | {} |\n\n",
+        h.helpers,
+        h.write_depth,
+        h.samples,
+        h.build_iterations,
+        h.copy_iterations,
+        fmt_ns(h.build_ns),
+        fmt_ns(h.copy_ns),
+        fmt_ratio(h.copy_speedup),
+        fmt_ns(h.copy_write_ns),
+        fmt_ratio(h.copy_write_speedup)
+    )
 }

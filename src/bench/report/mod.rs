@@ -19,6 +19,7 @@ use serde::Serialize;
 use super::catchup::CatchupReport;
 use super::cold::ColdReport;
 use super::harness::{sql, Harness};
+use super::helpers::HelpersReport;
 use super::propagation::PropagationReport;
 use super::read::ReadReport;
 use super::scale::ScaleReport;
@@ -95,6 +96,8 @@ pub struct Report {
     pub write: Option<WriteReport>,
     /// Scenario 6.
     pub catchup: Option<CatchupReport>,
+    /// Scenario 7.
+    pub helpers: Option<HelpersReport>,
 }
 
 impl Report {
@@ -159,6 +162,7 @@ impl Report {
             scale: None,
             write: None,
             catchup: None,
+            helpers: None,
         })
     }
 }

@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::markdown::fmt_ns;
 use super::Report;
+use crate::bench::helpers::COPY_SPEEDUP_TARGET;
 use crate::bench::read::{Artifact, Path};
 use crate::bench::stats::{fmt_rate, fmt_ratio, fmt_us};
 
@@ -293,6 +295,26 @@ impl Report {
                 met: Some(r.step_ms < 1000.0),
             }),
             None => t.push(not_run("catchup_100k", "catchup", CATCHUP)),
+        }
+
+        // ---- helpers ----
+        const HELPERS: &str = "helpers: isolated copy >= 20x cheaper than a rebuild";
+        match &self.helpers {
+            Some(h) => t.push(Target {
+                id: "helpers_copy",
+                scenario: "helpers",
+                target: HELPERS.into(),
+                measured: format!(
+                    "copy {} against build {}: {} cheaper (copy and write one deep state {}: {})",
+                    fmt_ns(h.copy_ns),
+                    fmt_ns(h.build_ns),
+                    fmt_ratio(h.copy_speedup),
+                    fmt_ns(h.copy_write_ns),
+                    fmt_ratio(h.copy_write_speedup)
+                ),
+                met: Some(h.copy_speedup >= COPY_SPEEDUP_TARGET),
+            }),
+            None => t.push(not_run("helpers_copy", "helpers", HELPERS)),
         }
         self.targets = t;
     }

@@ -1,15 +1,46 @@
 //! Helpers: the tree of a context's mappings with their openEHR paths resolved against the
 //! template's node tree.
 //!
-//! [`build`] is pure. A [`HelperTree`] is plain owned data: a cached tree is shared read-only, and
-//! each mapping request works on its own `clone()` (its per-request `state` never leaks).
+//! [`build`] is pure. A [`HelperTree`] is a persistent tree: every node sits behind an `Arc`
+//! and is never changed in place while it is shared. The cache keeps one tree per template, and
+//! each use takes a `clone()`, which only bumps three reference counts (the tree is not walked).
+//! A use changes its copy through [`HelperTree::get_mut`] (or [`Helper::child_mut`]), which
+//! copies the nodes on the path from the root to the node it returns and nothing else
+//! (copy-on-write with [`Arc::make_mut`]): the cached tree and every other copy keep the old
+//! nodes, and all the subtrees off that path stay shared.
+//!
+//! Why `Arc` nodes and not a persistent-collection crate (`im`, `rpds`): a helper's children are
+//! a handful of nodes written rarely and read in order; an `Arc<[Arc<Helper>]>` per node is one
+//! allocation, reads as a plain slice, and copy-on-write through `Arc::make_mut` copies exactly
+//! the path. The crates' chunked vectors and trees pay off for large collections edited often,
+//! which these are not, and would add a dependency and an extra layer to every read.
+//!
+//! ```
+//! # use openfhir_cache::domain::helpers::HelperTree;
+//! # fn use_the_tree(cached: &HelperTree) {
+//! let mut mine = cached.clone(); // what `Node::helpers_copy` hands out: no node is copied
+//! if let Some(path) = mine.find_path(|h| h.mapping() == "height") {
+//!     if let Some(h) = mine.get_mut(&path) {
+//!         // Copies the nodes from the root to `h` in `mine` only.
+//!         h.state_mut().insert("value".into(), serde_json::json!(1.8));
+//!     }
+//! }
+//! assert!(cached.iter().all(|h| h.state().is_empty()));
+//! # }
+//! ```
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use std::sync::Arc;
+
+use serde_json::Map;
 
 use crate::domain::fc_model::{Mapping, ModelDocument};
 use crate::domain::mapper::MapperIndex;
 use crate::domain::opt::TemplateTree;
+
+mod tree;
+
+use tree::Shared;
+pub use tree::{Helper, HelperTree};
 
 /// Deepest helper nesting expanded; children below it are reported in
 /// [`HelperTree::unresolved`] instead.
@@ -24,51 +55,6 @@ pub const MAX_HELPERS: usize = 20_000;
 /// expanded once per slot, so one long path over many children would otherwise cost gigabytes
 /// for an upload of a megabyte. Once reached, nothing more is expanded (reported as `limit: ...`).
 pub const MAX_TREE_BYTES: usize = 64 << 20;
-
-/// One mapping, resolved.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Helper {
-    /// The model the mapping belongs to (`metadata.name`).
-    pub model: String,
-    /// The mapping's name (empty when it has none).
-    pub mapping: String,
-    /// `with.fhir`, as written.
-    pub fhir_path: Option<String>,
-    /// `with.openehr` made absolute: `$archetype`, `$composition` and `$reference` replaced,
-    /// relative paths joined to the parent's. `None` when the mapping has no openEHR side.
-    pub openehr_path: Option<String>,
-    /// True when the template has a node at `openehr_path` or at its parent (a path ending in an
-    /// RM attribute the template does not constrain, like `/time`). False without openEHR side.
-    pub resolved: bool,
-    /// Child mappings: `followedBy`, then `reference`, then the slotted model's mappings.
-    pub children: Vec<Helper>,
-    /// Per-request scratch state; empty when built.
-    pub state: Map<String, Value>,
-}
-
-/// The helpers of one template.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HelperTree {
-    /// The normalized template id.
-    pub template_id: String,
-    /// One helper per mapping of the start model(s).
-    pub roots: Vec<Helper>,
-    /// What did not resolve: `model/mapping: path` for openEHR paths, and `start: ...`,
-    /// `archetype: ...`, `slot: ...`, `cycle: ...`, `depth: ...`, `template: ...` entries.
-    pub unresolved: Vec<String>,
-}
-
-impl HelperTree {
-    /// Every helper, depth first, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &Helper> {
-        let mut stack: Vec<&Helper> = self.roots.iter().rev().collect();
-        std::iter::from_fn(move || {
-            let h = stack.pop()?;
-            stack.extend(h.children.iter().rev());
-            Some(h)
-        })
-    }
-}
 
 /// Builds the helpers of `index` against `template`.
 ///
@@ -89,6 +75,7 @@ pub fn build(index: &MapperIndex, template: &TemplateTree) -> HelperTree {
     let mut b = Builder {
         index,
         template,
+        no_children: Arc::from(Vec::new()),
         unresolved: Vec::new(),
         branch: Vec::new(),
         made: 0,
@@ -133,10 +120,11 @@ pub fn build(index: &MapperIndex, template: &TemplateTree) -> HelperTree {
             roots.extend(b.model(name, model, None, 1));
         }
     }
+    b.unresolved.shrink_to_fit();
     HelperTree {
-        template_id: index.template_id.clone(),
-        roots,
-        unresolved: b.unresolved,
+        template_id: Arc::from(index.template_id.as_str()),
+        roots: Arc::from(roots),
+        unresolved: Arc::new(b.unresolved),
     }
 }
 
@@ -151,6 +139,8 @@ struct Scope {
 struct Builder<'a> {
     index: &'a MapperIndex,
     template: &'a TemplateTree,
+    /// The one empty child list every leaf of the tree shares (a leaf costs no allocation).
+    no_children: Shared,
     unresolved: Vec<String>,
     /// The models being expanded on the current branch, outermost first.
     branch: Vec<String>,
@@ -170,19 +160,21 @@ impl Builder<'_> {
         model: &ModelDocument,
         slot: Option<&str>,
         depth: usize,
-    ) -> Vec<Helper> {
+    ) -> Vec<Arc<Helper>> {
         let archetype = self.archetype_path(name, model, slot);
         let scope = Scope {
             archetype,
             ..Scope::default()
         };
         self.branch.push(name.to_string());
+        // One string for the model's name, shared by all its helpers.
+        let model_name: Arc<str> = Arc::from(name);
         let mut helpers = Vec::new();
         for m in model.mappings() {
             if self.limit_reached(name, m.name.as_deref().unwrap_or_default()) {
                 break;
             }
-            helpers.push(self.mapping(name, m, &scope, depth));
+            helpers.push(Arc::new(self.mapping(&model_name, m, &scope, depth)));
         }
         self.branch.pop();
         helpers
@@ -242,17 +234,17 @@ impl Builder<'_> {
         found
     }
 
-    fn mapping(&mut self, model: &str, m: &Mapping, scope: &Scope, depth: usize) -> Helper {
-        let name = m.name.clone().unwrap_or_default();
+    fn mapping(&mut self, model: &Arc<str>, m: &Mapping, scope: &Scope, depth: usize) -> Helper {
+        let name: &str = m.name.as_deref().unwrap_or_default();
         let with = m.with.as_ref();
         let openehr_path = with
             .and_then(|w| w.openehr.as_deref())
             .map(|raw| substitute(raw.trim(), scope, &self.template.root().path));
         let resolved = openehr_path.as_deref().is_some_and(|p| self.resolves(p));
-        let fhir_path = with.and_then(|w| w.fhir.clone());
+        let fhir_path = with.and_then(|w| w.fhir.as_deref());
         self.bytes += model.len()
             + name.len()
-            + fhir_path.as_ref().map_or(0, String::len)
+            + fhir_path.map_or(0, str::len)
             + openehr_path.as_ref().map_or(0, String::len);
         if let (Some(p), false) = (&openehr_path, resolved) {
             self.report(format!("{model}/{name}: {p}"));
@@ -270,7 +262,7 @@ impl Builder<'_> {
             || slot.is_some();
         let mut children = Vec::new();
         self.made += 1;
-        if has_children && self.limit_reached(model, &name) {
+        if has_children && self.limit_reached(model, name) {
             // Reported once by limit_reached.
         } else if has_children && depth >= MAX_DEPTH {
             self.report(format!(
@@ -286,7 +278,7 @@ impl Builder<'_> {
                 if self.limit_reached(model, c.name.as_deref().unwrap_or_default()) {
                     break;
                 }
-                children.push(self.mapping(model, c, &child_scope, depth + 1));
+                children.push(Arc::new(self.mapping(model, c, &child_scope, depth + 1)));
             }
             let ref_scope = Scope {
                 parent: here.clone(),
@@ -297,14 +289,14 @@ impl Builder<'_> {
                 if self.limit_reached(model, c.name.as_deref().unwrap_or_default()) {
                     break;
                 }
-                children.push(self.mapping(model, c, &ref_scope, depth + 1));
+                children.push(Arc::new(self.mapping(model, c, &ref_scope, depth + 1)));
             }
             if let Some(slot) = slot {
-                let targets: Vec<(String, std::sync::Arc<ModelDocument>)> = self
+                let targets: Vec<(String, Arc<ModelDocument>)> = self
                     .index
                     .resolve(slot)
                     .into_iter()
-                    .map(|(n, m)| (n.to_string(), std::sync::Arc::clone(m)))
+                    .map(|(n, m)| (n.to_string(), Arc::clone(m)))
                     .collect();
                 if targets.is_empty() {
                     self.report(format!(
@@ -325,12 +317,16 @@ impl Builder<'_> {
             }
         }
         Helper {
-            model: model.to_string(),
-            mapping: name,
-            fhir_path,
-            openehr_path,
+            model: Arc::clone(model),
+            mapping: Arc::from(name),
+            fhir_path: fhir_path.map(Arc::from),
+            openehr_path: openehr_path.map(Arc::from),
             resolved,
-            children,
+            children: if children.is_empty() {
+                Arc::clone(&self.no_children)
+            } else {
+                Arc::from(children)
+            },
             state: Map::new(),
         }
     }
