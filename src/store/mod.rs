@@ -263,6 +263,21 @@ impl Db {
         self.delete("tenant", "id = $1", &[&id]).await
     }
 
+    /// A transaction for a write of several statements, with `openfhir.notify` set for it (the
+    /// triggers then leave the NOTIFY to this node's notifier while it defers).
+    pub(crate) async fn write_transaction<'a>(
+        &self,
+        conn: &'a mut Object,
+    ) -> Result<deadpool_postgres::Transaction<'a>> {
+        let tx = conn.transaction().await?;
+        tx.execute(
+            "SELECT set_config('openfhir.notify', $1, true)",
+            &[&self.notify.setting()],
+        )
+        .await?;
+        Ok(tx)
+    }
+
     // ---- operator evictions ----
 
     /// Records an operator's eviction in the invalidation log (one row with operation `EVICT`,
@@ -276,12 +291,7 @@ impl Db {
         key: Option<&str>,
     ) -> Result<u64> {
         let mut conn = self.conn().await?;
-        let tx = conn.transaction().await?;
-        tx.execute(
-            "SELECT set_config('openfhir.notify', $1, true)",
-            &[&self.notify.setting()],
-        )
-        .await?;
+        let tx = self.write_transaction(&mut conn).await?;
         let logged = tx
             .query_one(
                 "SELECT openfhir_log_invalidation($1, $2, $3, $4), pg_current_xact_id()::text AS xid",

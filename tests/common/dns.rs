@@ -31,29 +31,13 @@ pub struct TestDns {
 impl TestDns {
     /// Serves `name` (a trailing dot is optional) with `ips` on 127.0.0.1.
     pub async fn start(name: &str, ips: Vec<IpAddr>) -> TestDns {
-        let mut fqdn = Name::from_utf8(name).expect("valid test DNS name");
-        fqdn.set_fqdn(true);
-        let ips = Arc::new(Mutex::new(ips));
-        let silent = Arc::new(AtomicBool::new(false));
-        let queries = Arc::new(Mutex::new(0));
-        let handler = Handler {
-            name: LowerName::new(&fqdn),
-            ips: ips.clone(),
-            silent: silent.clone(),
-            queries: queries.clone(),
-        };
         let (udp, tcp) = bind_pair().await;
-        let addr = udp.local_addr().expect("UDP local address");
-        let mut server = Server::new(handler);
-        server.register_socket(udp);
-        server.register_listener(tcp, Duration::from_secs(5), 16);
-        TestDns {
-            addr,
+        Self::start_on(
+            name,
             ips,
-            silent,
-            queries,
-            _server: server,
-        }
+            udp.into_std().expect("UDP socket out of tokio"),
+            tcp.into_std().expect("TCP listener out of tokio"),
+        )
     }
 
     /// Like [`start`](Self::start), but serves on sockets the caller bound (e.g. inside another

@@ -220,12 +220,7 @@ impl Db {
     /// `$purge`). Returns the writing transaction.
     pub async fn purge(&self, tenant: &str) -> Result<u64> {
         let mut conn = self.conn().await?;
-        let tx = conn.transaction().await?;
-        tx.execute(
-            "SELECT set_config('openfhir.notify', $1, true)",
-            &[&self.notify.setting()],
-        )
-        .await?;
+        let tx = self.write_transaction(&mut conn).await?;
         for a in [Artifact::Model, Artifact::Context, Artifact::Opt] {
             tx.execute(
                 &format!("DELETE FROM {} WHERE tenant = $1", a.table()),
