@@ -24,7 +24,15 @@
 -- wait for it); on a table that is UNLOGGED already it does nothing.
 
 ALTER TABLE openfhir_invalidation_log SET UNLOGGED;
-ALTER SEQUENCE IF EXISTS openfhir_invalidation_log_position_seq SET LOGGED;
+-- PostgreSQL 15 made the identity sequence UNLOGGED with its table; before 15 sequences are always
+-- logged (and ALTER SEQUENCE has no SET LOGGED).
+DO $$
+BEGIN
+    IF current_setting('server_version_num')::int >= 150000
+       AND to_regclass('openfhir_invalidation_log_position_seq') IS NOT NULL THEN
+        EXECUTE 'ALTER SEQUENCE openfhir_invalidation_log_position_seq SET LOGGED';
+    END IF;
+END $$;
 ALTER TABLE openfhir_invalidation_horizon SET UNLOGGED;
 
 DROP INDEX IF EXISTS openfhir_invalidation_log_created;

@@ -205,6 +205,12 @@ async fn every_node_serves_the_database_after_a_crash_empties_the_log() {
     }
     assert_eq!(nodes[0].put_opt("t1", &opt_xml("t1", "v1")).await, 200);
     for app in &nodes {
+        // The write's own notification (sent after COMMIT by node 0's notifier) evicts t1 when
+        // it arrives: load t1 only after it did, so that it stays cached.
+        poll(app, "the write's notification never arrived", || async {
+            (invalidation(app).await["notifications"].as_u64() >= Some(1)).then_some(())
+        })
+        .await;
         assert!(app.get_text("/opt/t1").await.contains("v1"));
         assert!(cached(app, "t1").await);
     }
