@@ -143,6 +143,46 @@ impl Invalidation {
     }
 
     async fn step_inner(&self) -> Result<StepReport> {
+        // Once more after recreating a horizon the database lost; a horizon still missing
+        // then is an error (the step fails and the next one tries again).
+        for restore in [true, false] {
+            if let Some(report) = self.step_once(restore).await? {
+                return Ok(report);
+            }
+        }
+        Err(Error::CorruptRow {
+            what: "invalidation horizon",
+            id: "openfhir_invalidation_horizon".into(),
+            reason: "the row is missing right after it was recreated".into(),
+        })
+    }
+
+    /// Recreates the horizon row after the log was emptied (see [`Invalidation::step_once`]):
+    /// every transaction below the current snapshot's `xmin` has ended, so every row the
+    /// database lost lies below it. The first node to get here sets it; the others find it set.
+    async fn restore_horizon(&self) -> Result<()> {
+        let conn = self.db.conn().await?;
+        let n = conn
+            .execute(
+                "INSERT INTO openfhir_invalidation_horizon (xid) \
+                 SELECT pg_snapshot_xmin(pg_current_snapshot()) \
+                 ON CONFLICT (singleton) DO NOTHING",
+                &[],
+            )
+            .await?;
+        self.stats.log_resets.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            recreated = n == 1,
+            "the invalidation log was emptied (the database recovered from a crash, or a standby \
+             or a base backup took over): rows written before may be lost, so every node behind \
+             the new horizon flushes its caches"
+        );
+        Ok(())
+    }
+
+    /// One step; `None` if the horizon row was missing (the log is UNLOGGED, so PostgreSQL
+    /// empties both after a crash) and `restore` recreated it: the caller steps again.
+    async fn step_once(&self, restore: bool) -> Result<Option<StepReport>> {
         let mut conn = self.db.conn().await?;
         let tx = conn
             .build_transaction()
@@ -165,7 +205,16 @@ impl Invalidation {
         let xmin = xid_of(&head, 0)?;
         let xmax = xid_of(&head, 3)?;
         let horizon: Option<String> = head.get(1);
-        let horizon = horizon.and_then(|h| h.parse::<u64>().ok()).unwrap_or(0);
+        let Some(horizon) = horizon else {
+            if !restore {
+                return Ok(None);
+            }
+            drop(tx);
+            drop(conn);
+            self.restore_horizon().await?;
+            return Ok(None);
+        };
+        let horizon = horizon.parse::<u64>().unwrap_or(0);
         self.stats
             .log_head
             .store(head.get::<_, i64>(2).max(0) as u64, Ordering::Relaxed);
@@ -212,8 +261,9 @@ impl Invalidation {
                 ),
                 None => tracing::warn!(
                     horizon,
-                    "this node's invalidation cursor is older than the log's retention horizon: \
-                     flushing every cache rather than trusting them"
+                    "this node's invalidation cursor is older than the log's horizon (rows were \
+                     pruned, or the log was emptied by a crash): flushing every cache rather than \
+                     trusting them"
                 ),
             }
             self.apply(&Change::Evict {
@@ -272,7 +322,7 @@ impl Invalidation {
             .last_step_repaired
             .store(report.applied, Ordering::Relaxed);
         self.stats.last_step_lag_ms.store(lag_ms, Ordering::Relaxed);
-        Ok(report)
+        Ok(Some(report))
     }
 
     /// Deletes log rows older than `retention` (one node at a time: advisory lock) and moves

@@ -39,6 +39,14 @@ const MAX_PENDING: usize = 65_536;
 /// Transactions announced by one statement at most.
 const MAX_BATCH: usize = 1024;
 
+/// How long the task waits, once woken, for more commits to announce in the same statement.
+/// Each statement is a transaction that takes PostgreSQL's notification lock and wakes every
+/// listener, whatever its size; under load, gathering a couple of milliseconds of commits turns
+/// hundreds of small statements a second into a few large ones. The delay costs nothing that
+/// matters: these notifications only back up the peer channel, which announced the change at
+/// COMMIT already.
+const GATHER: Duration = Duration::from_millis(2);
+
 /// The statement that announces a batch of committed transactions.
 const NOTIFY_SQL: &str = "SELECT openfhir_notify_transactions($1::text[]::xid8[])";
 
@@ -153,6 +161,9 @@ impl DeferredNotify {
             // its wake-up for `notified`, so none is missed.
             if self.pending() == 0 {
                 self.wake.notified().await;
+            }
+            if self.pending() < MAX_BATCH {
+                tokio::time::sleep(GATHER).await;
             }
             match self.send_pending(&db).await {
                 Ok(_) if failing => {

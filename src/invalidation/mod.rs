@@ -217,6 +217,7 @@ impl Invalidation {
             catchup_failures: s.step_failures.load(Ordering::Relaxed),
             horizon_flushes: s.flushes.load(Ordering::Relaxed),
             xid_rewinds: s.xid_rewinds.load(Ordering::Relaxed),
+            log_resets: s.log_resets.load(Ordering::Relaxed),
             pruned_rows: s.pruned.load(Ordering::Relaxed),
             log_head: s.log_head.load(Ordering::Relaxed),
             watermark,

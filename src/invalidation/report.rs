@@ -66,6 +66,7 @@ pub struct InvalidationStats {
     pub(crate) step_failures: AtomicU64,
     pub(crate) flushes: AtomicU64,
     pub(crate) xid_rewinds: AtomicU64,
+    pub(crate) log_resets: AtomicU64,
     pub(crate) pruned: AtomicU64,
     pub(crate) reconnects: AtomicU64,
     /// Listener sessions that got as far as listening, over every run of the listener task (a
@@ -124,6 +125,11 @@ pub struct InvalidationReport {
     /// Flushes because the database handed out transaction ids below this node's watermark
     /// (commits lost in a crash, a failover to an async standby, a restore of a backup).
     pub xid_rewinds: u64,
+    /// Times this node found the log emptied (its horizon row missing: the database recovered
+    /// from a crash, or a standby or a base backup took over) and recreated the horizon; every
+    /// node behind the new horizon then flushes (counted in
+    /// [`horizon_flushes`](Self::horizon_flushes)).
+    pub log_resets: u64,
     /// Log rows this node pruned.
     pub pruned_rows: u64,
     /// Highest log position seen at the last step.

@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0007_operator_evictions.sql",
         sql: include_str!("../../sql/0007_operator_evictions.sql"),
     },
+    Migration {
+        version: 8,
+        name: "0008_unlogged_log.sql",
+        sql: include_str!("../../sql/0008_unlogged_log.sql"),
+    },
 ];
 
 /// The first schema version whose triggers leave NOTIFY to a node that sets

@@ -12,6 +12,9 @@
 //! The rewind is made deterministic with a cold backup of a private server's data directory:
 //! back up, let the node's watermark move well past the backup's next transaction id, kill the
 //! server, put the backup back and start it again on the same port.
+//!
+//! The second test covers the other way a crash takes log rows away from a node since schema
+//! version 8: the log is UNLOGGED, so crash recovery empties it (issue 17).
 
 use crate::common;
 
@@ -171,4 +174,131 @@ async fn a_node_recovers_when_the_database_rewinds_its_transaction_ids() {
     assert_eq!(inv["xid_rewinds"], 1, "{inv}");
     assert!(inv["watermark"].as_u64().unwrap() < watermark, "{inv}");
     app.stop().await;
+}
+
+/// Issue 17: the invalidation log is UNLOGGED (schema version 8), so PostgreSQL empties it when it
+/// recovers from a crash, and a change committed just before the crash that no node had read yet
+/// loses its log row. Every node must still stop serving the old value: the first catch-up step
+/// after the crash finds the log's horizon gone with it, recreates it at the current snapshot's
+/// `xmin`, and every node whose watermark is below it flushes.
+///
+/// The change is made unflushed on purpose: a plain-SQL UPDATE that defers its NOTIFY (nobody
+/// sends it) under nodes whose catch-up timer is off, so before the crash only the log row knows
+/// of it. The crash is an immediate shutdown (no shutdown checkpoint: crash recovery on start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_the_database_after_a_crash_empties_the_log() {
+    const CRASH_ENV: [(&str, &str); 2] = [
+        ("OPENFHIR_PG_NOTIFY", "true"),
+        // Only the listener's reconnect runs a catch-up step.
+        ("OPENFHIR_CATCHUP_INTERVAL_MS", "0"),
+    ];
+    let server = PrivateServer::new();
+    let nodes = [
+        spawn_url(&server.url(), &CRASH_ENV).await,
+        spawn_url(&server.url(), &CRASH_ENV).await,
+    ];
+    for app in &nodes {
+        poll(app, "listener never came up", || async {
+            (invalidation(app).await["listener"] == "listening").then_some(())
+        })
+        .await;
+    }
+    assert_eq!(nodes[0].put_opt("t1", &opt_xml("t1", "v1")).await, 200);
+    for app in &nodes {
+        // The write's own notification (sent after COMMIT by node 0's notifier) evicts t1 when
+        // it arrives: load t1 only after it did, so that it stays cached.
+        poll(app, "the write's notification never arrived", || async {
+            (invalidation(app).await["notifications"].as_u64() >= Some(1)).then_some(())
+        })
+        .await;
+        assert!(app.get_text("/opt/t1").await.contains("v1"));
+        assert!(cached(app, "t1").await);
+    }
+
+    // The unflushed change: committed, its log row written, no notification.
+    let mut sql = nodes[0].sql().await;
+    let tx = sql.transaction().await.unwrap();
+    // Durable before the crash: the test servers commit asynchronously.
+    tx.execute(
+        "SELECT set_config('openfhir.notify', 'deferred', true), \
+                set_config('synchronous_commit', 'on', true)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let updated = tx
+        .execute(
+            "UPDATE opt SET content = $1 WHERE tenant = 'default' AND template_id = 't1'",
+            &[&opt_xml("t1", "v2")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 1);
+    tx.commit().await.unwrap();
+    let logged: i64 = sql
+        .query_one("SELECT count(*) FROM openfhir_invalidation_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(logged >= 1, "the UPDATE wrote no log row");
+    // Nothing told the nodes: they still serve v1 from their caches.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for app in &nodes {
+        assert!(
+            app.get_text("/opt/t1").await.contains("v1"),
+            "a node learnt of the change before the crash, so the test proves nothing"
+        );
+    }
+    drop(sql);
+
+    // Crash: PostgreSQL recovers on start and empties the UNLOGGED log and horizon.
+    server.kill();
+    server.start();
+    let sql = nodes[0].sql().await;
+    let (rows, horizon): (i64, i64) = {
+        let r = sql
+            .query_one(
+                "SELECT (SELECT count(*) FROM openfhir_invalidation_log), \
+                        (SELECT count(*) FROM openfhir_invalidation_horizon)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    // A node may already have recreated the horizon; the log row of the UPDATE is gone.
+    assert_eq!(rows, 0, "the crash did not empty the invalidation log");
+    assert!(horizon <= 1);
+    let content: String = sql
+        .query_one(
+            "SELECT content FROM opt WHERE tenant = 'default' AND template_id = 't1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(content.contains("v2"), "the committed UPDATE was lost");
+
+    for (i, app) in nodes.iter().enumerate() {
+        poll(
+            app,
+            &format!("node {i} still serves v1 after the crash emptied the log"),
+            || async {
+                let r = app.client.get(app.url("/opt/t1")).send().await.ok()?;
+                (r.status() == 200 && r.text().await.ok()?.contains("v2")).then_some(())
+            },
+        )
+        .await;
+    }
+    let mut resets = 0;
+    for app in &nodes {
+        let inv = invalidation(app).await;
+        assert!(inv["horizon_flushes"].as_u64() >= Some(1), "{inv}");
+        assert_eq!(inv["xid_rewinds"], 0, "{inv}");
+        resets += inv["log_resets"].as_u64().unwrap_or(0);
+    }
+    assert!(resets >= 1, "no node recreated the horizon");
+    let [a, b] = nodes;
+    a.stop().await;
+    b.stop().await;
 }
