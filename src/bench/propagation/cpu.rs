@@ -27,13 +27,16 @@ use crate::bench::harness::{can_spawn_nodes, Harness, Linking, NodeSpec};
 use crate::bench::BenchResult;
 use crate::cache::Change;
 
-/// The reference this machine measured before the binary frame (protocol 2, JSON envelopes, one
-/// write per frame), with the full run's 10,000 invalidations: the `peer_cpu` target asks for
-/// half of each. Measured on the 2-core development machine, 2026-12-07, load average 2 to 4
-/// from other work (median of 3 runs, see docs/performance.md).
-pub const BASELINE_SENDER_US: f64 = f64::NAN;
-/// See [`BASELINE_SENDER_US`]: the receiver's CPU per invalidation, apply included.
-pub const BASELINE_RECEIVER_US: f64 = f64::NAN;
+/// The reference the "cut by 2x" is counted from: the sender's CPU per invalidation and
+/// peer before the binary frame (protocol 2: a JSON envelope per message, one write per frame),
+/// measured by this module (`bench --scenario propagation`, full run, 10,000 invalidations to 2
+/// peers, `CLUSTER_SECRET` set) on the 2-core development VM on 2026-12-07: the median of 5 runs
+/// (22.9 to 30.8 µs) interleaved with runs of the new build, load average 7 to 10 from other work.
+/// Figures of another machine compare with its own baseline run, not with this constant.
+pub const BASELINE_SENDER_US: f64 = 25.4;
+/// See [`BASELINE_SENDER_US`]: the receiver's CPU per invalidation, apply included (median of the
+/// same 5 runs, 60.7 to 67.4 µs).
+pub const BASELINE_RECEIVER_US: f64 = 64.3;
 
 /// The CPU cost of one invalidation over the peer channel.
 #[derive(Debug, Clone, Serialize)]
