@@ -13,9 +13,9 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hmac::{Hmac, KeyInit, Mac};
 use openfhir_cache::cache::Change;
 use openfhir_cache::cluster::{
-    client_on_welcome, client_start, decode_frame, encode_frame, server_on_confirm,
-    server_on_hello, ClusterSecret, Envelope, Identity, Invalidate, Message, Opener, Sealer,
-    MAX_FRAME,
+    client_on_welcome, client_start, decode_body, decode_frame, encode_body, encode_frame,
+    encode_invalidate, server_on_confirm, server_on_hello, ClusterSecret, Envelope, Identity,
+    Invalidate, Message, Opener, Sealer, MAX_FRAME,
 };
 use openfhir_cache::invalidation::parse_payload;
 use sha2::Sha256;
@@ -58,6 +58,7 @@ fn bench(c: &mut Criterion) {
     let json = env.encode().unwrap();
     let frame = encode_frame(&json).unwrap();
 
+    let body = encode_body(&env.body).unwrap();
     let mut g = c.benchmark_group("frame");
     g.throughput(Throughput::Bytes(json.len() as u64));
     g.bench_function("envelope_encode", |b| {
@@ -65,6 +66,12 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("envelope_decode", |b| {
         b.iter(|| Envelope::decode(black_box(&json), "openfhir").unwrap())
+    });
+    g.bench_function("binary_encode", |b| {
+        b.iter(|| encode_body(black_box(&env.body)).unwrap())
+    });
+    g.bench_function("binary_decode", |b| {
+        b.iter(|| decode_body(black_box(&body)).unwrap())
     });
     g.bench_function("frame_encode", |b| {
         b.iter(|| encode_frame(black_box(&json)).unwrap())
@@ -111,10 +118,12 @@ fn bench(c: &mut Criterion) {
     g.bench_function("plain_handshake", |b| b.iter(|| keyed(None)));
     g.finish();
 
-    // What a sender does per peer message and a receiver per frame, end to end (no socket).
+    // What a sender does per peer message and a receiver per frame, end to end (no socket):
+    // protocol 2's JSON envelope (the baseline, as that release sent it) against protocol 3's
+    // binary body, encoded from the borrowed change as `Cluster::broadcast` does.
     let mut g = c.benchmark_group("peer_message");
     let (mut sealer, mut opener) = keyed(Some(&secret));
-    g.bench_function("build_seal_frame_open_decode", |b| {
+    g.bench_function("v2_json_build_seal_frame_open_decode", |b| {
         let mut seq = 0;
         b.iter(|| {
             seq += 1;
@@ -122,6 +131,32 @@ fn bench(c: &mut Criterion) {
             let frame = encode_frame(&sealer.seal(&json).unwrap()).unwrap();
             let (payload, _) = decode_frame(&frame, MAX_FRAME).unwrap();
             Envelope::decode(opener.open(payload).unwrap(), "openfhir").unwrap()
+        })
+    });
+    let (mut sealer, mut opener) = keyed(Some(&secret));
+    let change = Change::Opt {
+        tenant: "default".into(),
+        template_id: "growth_chart".into(),
+    };
+    let mut frame = Vec::new();
+    g.bench_function("v3_binary_build_seal_frame_open_decode", |b| {
+        let mut seq = 0;
+        b.iter(|| {
+            seq += 1;
+            let mut body = Vec::with_capacity(64);
+            encode_invalidate(
+                &mut body,
+                "node-a-1f2e3d4c",
+                seq,
+                Some(812_345),
+                &change,
+                Some(1_765_000_000_000),
+            )
+            .unwrap();
+            frame.clear();
+            sealer.seal_frame_into(&body, &mut frame).unwrap();
+            let (payload, _) = decode_frame(&frame, MAX_FRAME).unwrap();
+            decode_body(opener.open(payload).unwrap()).unwrap()
         })
     });
     g.finish();

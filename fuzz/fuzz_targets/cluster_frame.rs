@@ -1,11 +1,13 @@
-//! Cluster frames and envelopes: `decode_frame_header`, `decode_frame` (every frame of the
-//! input in turn), `read_frame` over the same bytes, `Envelope::peek_header` and
-//! `Envelope::decode` of every payload.
+//! Cluster frames, envelopes and session messages: `decode_frame_header`, `decode_frame` (every
+//! frame of the input in turn), `read_frame` over the same bytes, and of every payload
+//! `Envelope::peek_header` and `Envelope::decode` (the handshake's JSON) and `decode_body` (the
+//! binary messages after it).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use openfhir_cache::cluster::{
-    decode_frame, decode_frame_header, read_frame, Envelope, WireError, MAX_FRAME,
+    decode_body, decode_frame, decode_frame_header, encode_body, read_frame, Envelope, WireError,
+    MAX_FRAME,
 };
 
 thread_local! {
@@ -16,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = decode_frame_header(data, MAX_FRAME);
     let _ = Envelope::peek_header(data);
     let _ = Envelope::decode(data, "prod");
+    let _ = decode_body(data);
 
     // As a stream of frames.
     let mut rest = data;
@@ -31,6 +34,10 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(bytes) = env.encode() {
                 assert_eq!(Envelope::decode(&bytes, "prod").unwrap(), env);
             }
+        }
+        if let Ok(msg) = decode_body(p) {
+            // The binary form is canonical: what decodes encodes to the same bytes.
+            assert_eq!(&encode_body(&msg).unwrap()[..], *p);
         }
     }
 

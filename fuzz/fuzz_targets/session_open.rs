@@ -8,13 +8,13 @@
 //! * 3: seal and drop (every later sealed frame opens with a gap: must be refused);
 //! * 4: flip a bit of the last frame opened and open it (must be refused).
 //!
-//! Opened payloads are also run through `Envelope::decode`.
+//! Opened payloads are also run through `decode_body` (the session's binary messages).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use openfhir_cache::cluster::{
-    client_on_welcome, client_start, server_on_confirm, server_on_hello, ClusterSecret, Envelope,
-    Identity, Session,
+    client_on_welcome, client_start, decode_body, server_on_confirm, server_on_hello,
+    ClusterSecret, Identity, Session,
 };
 
 fn keyed_pair() -> (Session, Session) {
@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
                     Ok(p) => {
                         assert!(!gap, "a frame after a gap opened");
                         assert_eq!(p, bytes);
-                        let _ = Envelope::decode(p, "prod");
+                        let _ = decode_body(p);
                     }
                     Err(e) => assert!(gap && e.is_security(), "{e}"),
                 }

@@ -116,6 +116,8 @@ pub struct Sizes {
     pub prop_writes: usize,
     /// Writes through HTTP PUT (they include an OPT parse and a database write).
     pub prop_put_writes: usize,
+    /// Invalidations of the peer message CPU measurement.
+    pub peer_cpu_messages: usize,
     /// Writes for catch-up alone (each waits up to one interval).
     pub catchup_writes: usize,
     /// The catch-up interval used for "catch-up alone", in milliseconds.
@@ -148,6 +150,7 @@ impl Sizes {
                 cold_trials: 2,
                 prop_writes: 300,
                 prop_put_writes: 100,
+                peer_cpu_messages: 2_000,
                 catchup_writes: 10,
                 catchup_interval_ms: 100,
                 scale_sizes: vec![2, 4, 8, 16, 32],
@@ -166,6 +169,7 @@ impl Sizes {
                 cold_trials: 5,
                 prop_writes: 2000,
                 prop_put_writes: 500,
+                peer_cpu_messages: 10_000,
                 catchup_writes: 50,
                 catchup_interval_ms: 100,
                 scale_sizes: vec![2, 4, 8, 16, 32],

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::discovery::{self, Addrs};
 use super::membership::{Membership, PeerReport, Rejected, Timing};
 use super::pipe::{Offered, Pipe};
-use super::wire::{Envelope, Invalidate, Message};
+use super::wire::encode_invalidate;
 use super::ClusterSecret;
 use crate::cache::Change;
 use crate::config::{ClusterConfig, Discovery};
@@ -204,28 +204,25 @@ impl Cluster {
         if st.links.is_empty() {
             return seq;
         }
-        let env = Envelope::new(
-            s.config.name.clone(),
-            Message::Invalidate(Invalidate {
-                origin: s.node_id.clone(),
-                seq,
-                log_position: log_position.and_then(|p| i64::try_from(p).ok()),
-                change: change.clone(),
-                at_unix_ms: Some(crate::invalidation::now_ms()),
-            }),
-        );
-        let json: Arc<[u8]> = match env.encode() {
-            Ok(j) => j.into(),
-            Err(e) => {
-                // Only a change over 64 KiB could fail here; peers repair from the database.
-                tracing::warn!(error = %e, ?change, "invalidation too large for the peer channel");
-                return seq;
-            }
-        };
+        // Encoded once, in the session's binary form, for every peer; each pipe seals it.
+        let mut body = Vec::with_capacity(64);
+        if let Err(e) = encode_invalidate(
+            &mut body,
+            &s.node_id,
+            seq,
+            log_position.and_then(|p| i64::try_from(p).ok()),
+            change,
+            Some(crate::invalidation::now_ms()),
+        ) {
+            // Only a change over 64 KiB could fail here; peers repair from the database.
+            tracing::warn!(error = %e, ?change, "invalidation too large for the peer channel");
+            return seq;
+        }
+        let body: Arc<[u8]> = body.into();
         // Still under the lock: broadcasts reach each peer in sequence order.
         let State { members, links, .. } = &mut *st;
         for (id, link) in links.iter() {
-            match link.pipe.offer(seq, &json) {
+            match link.pipe.offer(seq, &body) {
                 Offered::Written => members.sent(id, 1),
                 Offered::Handed => {}
                 Offered::Dropped => {

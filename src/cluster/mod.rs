@@ -19,9 +19,10 @@
 //! * [`membership`]: alive, suspect, gone and left, as a plain table driven by events and
 //!   instants (unit-tested without sockets).
 //! * [`wire`]: length-prefixed frames ([`read_frame`], [`write_frame`], at most [`MAX_FRAME`]
-//!   bytes, the length checked before allocating) and the JSON [`Envelope`] around every
+//!   bytes, the length checked before allocating), the JSON [`Envelope`] around every handshake
 //!   [`Message`], carrying the magic number [`MAGIC`] (`"OFC1"`), the protocol version
-//!   [`PROTOCOL`] and the cluster name. Decoders are total: any bytes give a message or a
+//!   [`PROTOCOL`] and the cluster name, and the compact binary form of the messages after it
+//!   ([`encode_body`], [`decode_body`]). Decoders are total: any bytes give a message or a
 //!   [`WireError`].
 //! * [`session`]: the handshake ([`Hello`], [`Welcome`], [`Confirm`] or [`Reject`]) as steps
 //!   without IO plus drivers over any async stream ([`connect`], [`accept`]). Peers must agree on
@@ -58,8 +59,8 @@ pub use session::{
     Session, NOISE_PARAMS, SEAL_OVERHEAD,
 };
 pub use wire::{
-    decode_frame, decode_frame_header, encode_frame, read_frame, write_frame, Card, Confirm,
-    Envelope, EnvelopeHeader, Heartbeat, Hello, Invalidate, Leave, Message, Reject, RejectReason,
-    Sealed, Tag, Welcome, WireError, FRAME_HEADER_LEN, MAGIC, MAX_FRAME, PROTOCOL, SEALED_MAX,
-    TAG_LEN,
+    decode_body, decode_frame, decode_frame_header, encode_body, encode_frame, encode_invalidate,
+    read_frame, write_frame, Card, Confirm, Envelope, EnvelopeHeader, Heartbeat, Hello, Invalidate,
+    Leave, Message, Reject, RejectReason, Sealed, Tag, Welcome, WireError, FRAME_HEADER_LEN, MAGIC,
+    MAX_FRAME, PROTOCOL, SEALED_MAX, TAG_LEN,
 };

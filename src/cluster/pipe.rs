@@ -26,8 +26,8 @@ use super::wire::WireError;
 /// What a peer's writer task sends from its queue.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    /// An encoded [`Invalidate`](super::wire::Invalidate) envelope and its sequence number.
-    Invalidate { seq: u64, json: Arc<[u8]> },
+    /// An encoded [`Invalidate`](super::wire::Invalidate) body and its sequence number.
+    Invalidate { seq: u64, body: Arc<[u8]> },
     /// Say goodbye, then close.
     Leave,
 }
@@ -43,11 +43,20 @@ pub(crate) enum Offered {
     Dropped,
 }
 
-/// A frame the writer task is to write, taken from the pipe.
+/// The most bytes of queued frames the writer task seals into one buffer and writes with one
+/// system call: a backlog goes out in a few large writes instead of one per message.
+const BATCH_BYTES: usize = 32 * 1024;
+
+/// A buffer of the broadcaster's kept for reuse only up to this capacity (a rare large frame
+/// does not pin its memory).
+const SCRATCH_KEEP: usize = 16 * 1024;
+
+/// Frames the writer task is to write, taken from the pipe.
 #[derive(Debug)]
 pub(crate) enum Job {
-    /// Sealed frame bytes (possibly the rest of a frame the broadcaster started).
-    Frame(Vec<u8>),
+    /// Sealed frames (possibly the rest of a frame the broadcaster started), and how many
+    /// messages they carry.
+    Frames { bytes: Vec<u8>, messages: u64 },
     /// The Leave was dequeued: send the goodbye, then end.
     Leave,
 }
@@ -55,6 +64,8 @@ pub(crate) enum Job {
 struct State {
     sealer: Sealer,
     queue: VecDeque<Outgoing>,
+    /// The broadcaster's frame buffer, reused from one direct write to the next.
+    scratch: Vec<u8>,
     /// Sealed bytes the broadcaster could not write at once; they go before anything else.
     unsent: Vec<u8>,
     /// The writer task is writing outside the lock: nobody else may write.
@@ -96,6 +107,7 @@ impl Pipe {
             state: Mutex::new(State {
                 sealer,
                 queue: VecDeque::new(),
+                scratch: Vec::new(),
                 unsent: Vec::new(),
                 writing: true,
                 closed: false,
@@ -113,10 +125,11 @@ impl Pipe {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends invalidation `seq` (the encoded envelope `json`) without ever waiting: written at
-    /// once when the link is idle, else queued for the writer task, else dropped.
-    pub fn offer(&self, seq: u64, json: &Arc<[u8]>) -> Offered {
-        let mut st = self.lock();
+    /// Sends invalidation `seq` (the encoded body `body`) without ever waiting: written at once
+    /// when the link is idle, else queued for the writer task, else dropped.
+    pub fn offer(&self, seq: u64, body: &Arc<[u8]>) -> Offered {
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.closed {
             st.dropped_hi = st.dropped_hi.max(seq);
             return Offered::Dropped;
@@ -124,16 +137,23 @@ impl Pipe {
         if !st.writing && st.unsent.is_empty() && st.queue.is_empty() {
             // A frame that cannot be sealed (too large) goes through the queue, where the writer
             // task fails on it and ends the link exactly as it always did.
-            if let Ok(frame) = st.sealer.seal_frame(json) {
+            st.scratch.clear();
+            if st.sealer.seal_frame_into(body, &mut st.scratch).is_ok() {
                 st.hi = st.hi.max(seq);
-                match self.stream.try_write(&frame) {
-                    Ok(n) if n == frame.len() => return Offered::Written,
+                let frame = &st.scratch;
+                match self.stream.try_write(frame) {
+                    Ok(n) if n == frame.len() => {
+                        if st.scratch.capacity() > SCRATCH_KEEP {
+                            st.scratch = Vec::new();
+                        }
+                        return Offered::Written;
+                    }
                     Ok(n) => st.unsent = frame[n..].to_vec(),
                     // Would block, or a broken connection: the writer task waits for room
                     // (under its timeout) or meets the error and ends the link.
-                    Err(_) => st.unsent = frame,
+                    Err(_) => st.unsent = std::mem::take(&mut st.scratch),
                 }
-                drop(st);
+                drop(guard);
                 self.wake.notify_one();
                 return Offered::Handed;
             }
@@ -144,9 +164,9 @@ impl Pipe {
         }
         st.queue.push_back(Outgoing::Invalidate {
             seq,
-            json: json.clone(),
+            body: body.clone(),
         });
-        drop(st);
+        drop(guard);
         self.wake.notify_one();
         Offered::Handed
     }
@@ -177,24 +197,43 @@ impl Pipe {
         !st.queue.is_empty() || !st.unsent.is_empty()
     }
 
-    /// For the writer task: the next frame to write, in order (the rest of a broadcaster's
-    /// frame, then the queue), or `None` when there is nothing. A `Some` reserves the socket for
-    /// the writer task until it asks again and nothing is left.
+    /// For the writer task: the next frames to write, in order (the rest of a broadcaster's
+    /// frame, then the queue: as many queued invalidations as fit [`BATCH_BYTES`], sealed into
+    /// one buffer for one write), or `None` when there is nothing. A `Some` reserves the socket
+    /// for the writer task until it asks again and nothing is left.
     pub fn next_job(&self) -> Result<Option<Job>, WireError> {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let job = if !st.unsent.is_empty() {
-            Job::Frame(std::mem::take(&mut st.unsent))
+            Job::Frames {
+                bytes: std::mem::take(&mut st.unsent),
+                messages: 1,
+            }
         } else {
-            match st.queue.pop_front() {
+            match st.queue.front() {
                 None => {
                     st.writing = false;
                     return Ok(None);
                 }
-                Some(Outgoing::Leave) => Job::Leave,
-                Some(Outgoing::Invalidate { seq, json }) => {
-                    let frame = st.sealer.seal_frame(&json)?;
-                    st.hi = st.hi.max(seq);
-                    Job::Frame(frame)
+                Some(Outgoing::Leave) => {
+                    st.queue.pop_front();
+                    Job::Leave
+                }
+                Some(Outgoing::Invalidate { .. }) => {
+                    let mut bytes = Vec::new();
+                    let mut messages = 0;
+                    while bytes.len() < BATCH_BYTES {
+                        let Some(Outgoing::Invalidate { seq, body }) = st.queue.front() else {
+                            break;
+                        };
+                        // A frame that cannot be sealed ends the link, as it always did; the
+                        // frames sealed before it in this batch are lost with the connection.
+                        st.sealer.seal_frame_into(body, &mut bytes)?;
+                        st.hi = st.hi.max(*seq);
+                        messages += 1;
+                        st.queue.pop_front();
+                    }
+                    Job::Frames { bytes, messages }
                 }
             }
         };
@@ -202,16 +241,18 @@ impl Pipe {
         Ok(Some(job))
     }
 
-    /// For the writer task: seals `json` (built by `body` from the sequence number heartbeats
-    /// report, `max(hi, dropped_hi)`) behind everything sealed so far, and reserves the socket.
+    /// For the writer task: seals the message `body` builds (from the sequence number
+    /// heartbeats report, `max(hi, dropped_hi)`) behind everything sealed so far, and reserves the
+    /// socket.
     pub fn seal_with_seq(
         &self,
         body: impl FnOnce(u64) -> Result<Vec<u8>, WireError>,
     ) -> Result<Vec<u8>, WireError> {
-        let mut st = self.lock();
-        let json = body(st.hi.max(st.dropped_hi))?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let encoded = body(st.hi.max(st.dropped_hi))?;
         let mut frame = std::mem::take(&mut st.unsent);
-        frame.extend_from_slice(&st.sealer.seal_frame(&json)?);
+        st.sealer.seal_frame_into(&encoded, &mut frame)?;
         st.writing = true;
         Ok(frame)
     }
@@ -268,7 +309,10 @@ mod tests {
     async fn drain(pipe: &Pipe) {
         while let Some(job) = pipe.next_job().unwrap() {
             match job {
-                Job::Frame(f) => pipe.write_all(&f, Duration::from_secs(5)).await.unwrap(),
+                Job::Frames { bytes, .. } => pipe
+                    .write_all(&bytes, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
                 Job::Leave => {}
             }
         }
@@ -296,6 +340,36 @@ mod tests {
         assert_eq!(pipe.offer(3, &json(3, 0)), Offered::Written);
         let mut frames = FrameReader::new(MAX_FRAME);
         for want in 1..=3 {
+            assert_eq!(seq_of(&frames.next(&mut peer).await.unwrap()), want);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_sealed_into_one_write_up_to_the_batch_size() {
+        let (pipe, _r, mut peer) = pair(100).await;
+        // Reserved for the writer task's first heartbeat: these queue.
+        for seq in 1..=10 {
+            assert_eq!(pipe.offer(seq, &json(seq, 0)), Offered::Handed);
+        }
+        // Large ones: a batch stops once it holds BATCH_BYTES.
+        for seq in 11..=20 {
+            assert_eq!(pipe.offer(seq, &json(seq, 10_000)), Offered::Handed);
+        }
+        let mut batches = Vec::new();
+        while let Some(job) = pipe.next_job().unwrap() {
+            let Job::Frames { bytes, messages } = job else {
+                panic!("no Leave was queued")
+            };
+            pipe.write_all(&bytes, Duration::from_secs(5))
+                .await
+                .unwrap();
+            batches.push(messages);
+        }
+        // About 22 bytes a small frame, 10 KB a large one: a batch takes frames until it holds
+        // at least BATCH_BYTES (32 KiB).
+        assert_eq!(batches, [10 + 4, 4, 2]);
+        let mut frames = FrameReader::new(MAX_FRAME);
+        for want in 1..=20 {
             assert_eq!(seq_of(&frames.next(&mut peer).await.unwrap()), want);
         }
     }

@@ -3,9 +3,9 @@
 
 use openfhir_cache::cache::Change;
 use openfhir_cache::cluster::{
-    accept, connect, decode_frame, decode_frame_header, encode_frame, read_frame, write_frame,
-    ClusterSecret, Envelope, HandshakeError, Heartbeat, Identity, Invalidate, Leave, Message,
-    Opener, RejectReason, Session, WireError, MAX_FRAME,
+    accept, connect, decode_body, decode_frame, decode_frame_header, encode_body, encode_frame,
+    read_frame, write_frame, ClusterSecret, Envelope, HandshakeError, Heartbeat, Identity,
+    Invalidate, Leave, Message, Opener, RejectReason, Session, WireError, MAX_FRAME,
 };
 use proptest::prelude::*;
 use tokio::io::{AsyncWriteExt, DuplexStream};
@@ -88,6 +88,7 @@ proptest! {
         let _ = decode_frame(&bytes, MAX_FRAME);
         let _ = Envelope::decode(&bytes, "prod");
         let _ = Envelope::peek_header(&bytes);
+        let _ = decode_body(&bytes);
         let _ = Opener::plain().open(&bytes);
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut r: &[u8] = &bytes;
@@ -163,14 +164,42 @@ proptest! {
             change: Change::Context { tenant, template_id: key },
             at_unix_ms: Some(seq),
         }));
-        prop_assert_eq!(Envelope::decode(&env.encode().unwrap(), "prod").unwrap(), env);
+        prop_assert_eq!(Envelope::decode(&env.encode().unwrap(), "prod").unwrap(), env.clone());
+        // The session's binary form as well.
+        prop_assert_eq!(decode_body(&encode_body(&env.body).unwrap()).unwrap(), env.body);
+    }
+
+    #[test]
+    fn binary_bodies_with_random_edits_decode_or_fail_cleanly(
+        seq in any::<u64>(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let body = encode_body(&Message::Invalidate(Invalidate {
+            origin: "node-a".into(),
+            seq,
+            log_position: Some(7),
+            change: Change::Custom { group: "g".into(), tenant: Some("t".into()), key: None },
+            at_unix_ms: Some(seq),
+        }))
+        .unwrap();
+        let mut b = body.clone();
+        for (i, v) in &edits {
+            let i = i.index(b.len());
+            b[i] = *v;
+        }
+        // Whatever decodes encodes back to the same bytes: nothing is silently reinterpreted.
+        if let Ok(m) = decode_body(&b) {
+            prop_assert_eq!(encode_body(&m).unwrap(), b.clone());
+        }
+        let _ = decode_body(&b[..cut.index(b.len())]);
     }
 
     #[test]
     fn any_flipped_bit_of_a_sealed_frame_is_refused(index in any::<prop::sample::Index>(), bit in 0u8..8) {
         let (mut client, mut server) = keyed_sessions();
         let env = Envelope::new("prod", Message::Leave(Leave { origin: "a".into() }));
-        let mut frame = client.sealer.seal(&env.encode().unwrap()).unwrap();
+        let mut frame = client.sealer.seal(&encode_body(&env.body).unwrap()).unwrap();
         let i = index.index(frame.len());
         frame[i] ^= 1 << bit;
         prop_assert!(matches!(server.opener.open(&frame), Err(WireError::BadMac)));
@@ -374,7 +403,7 @@ async fn garbage_instead_of_hello_gets_a_protocol_reject() {
 async fn a_peer_of_another_protocol_version_is_reported_as_such() {
     let (mut a, mut b) = tokio::io::duplex(MAX_FRAME);
     let future_hello =
-        br#"{"magic":1330004785,"protocol":3,"cluster":"prod","body":{"type":"hello2"}}"#;
+        br#"{"magic":1330004785,"protocol":4,"cluster":"prod","body":{"type":"hello2"}}"#;
     a.write_all(&encode_frame(future_hello).unwrap())
         .await
         .unwrap();
@@ -383,7 +412,7 @@ async fn a_peer_of_another_protocol_version_is_reported_as_such() {
         matches!(
             s,
             Err(HandshakeError::Wire(WireError::UnsupportedProtocol {
-                got: 3
+                got: 4
             }))
         ),
         "{s:?}"
@@ -397,12 +426,13 @@ async fn a_peer_of_another_protocol_version_is_reported_as_such() {
 async fn a_tampered_frame_fails_the_mac() {
     let (c, s, mut a, mut b) = handshake(id("a"), Some("k"), id("b"), Some("k")).await;
     let (mut c, mut s) = (c.unwrap(), s.unwrap());
-    let json = heartbeat("a", 1).encode().unwrap();
-    let mut frame = c.sealer.seal(&json).unwrap();
-    // Change the message ("seq":1 -> "seq":2 in the JSON) and keep the MAC.
-    let at = json.windows(7).position(|w| w == b"\"seq\":1").unwrap() + 6;
-    let i = frame.len() - json.len() + at;
-    frame[i] = b'2';
+    let body = encode_body(&heartbeat("a", 1).body).unwrap();
+    let mut frame = c.sealer.seal(&body).unwrap();
+    // Change the message (sequence number 1 -> 2: the last byte of the u64 after the type byte
+    // and the origin "a") and keep the MAC.
+    let at = 1 + 2 + 7;
+    assert_eq!(body[at], 1);
+    frame[at] ^= 3;
     write_frame(&mut a, &frame).await.unwrap();
     let err = s.opener.recv(&mut b, "prod").await.unwrap_err();
     assert!(
@@ -415,7 +445,10 @@ async fn a_tampered_frame_fails_the_mac() {
 async fn a_replayed_frame_is_rejected() {
     let (c, s, mut a, mut b) = handshake(id("a"), Some("k"), id("b"), Some("k")).await;
     let (mut c, mut s) = (c.unwrap(), s.unwrap());
-    let frame = c.sealer.seal(&heartbeat("a", 1).encode().unwrap()).unwrap();
+    let frame = c
+        .sealer
+        .seal(&encode_body(&heartbeat("a", 1).body).unwrap())
+        .unwrap();
     write_frame(&mut a, &frame).await.unwrap();
     write_frame(&mut a, &frame).await.unwrap();
     assert_eq!(
@@ -434,12 +467,18 @@ async fn a_frame_cannot_be_reflected_back_to_its_sender() {
     let (c, s, mut a, mut b) = handshake(id("a"), Some("k"), id("b"), Some("k")).await;
     let (mut c, mut s) = (c.unwrap(), s.unwrap());
     // An attacker in the middle takes the client's frame and sends it back to the client ...
-    let from_client = c.sealer.seal(&heartbeat("a", 1).encode().unwrap()).unwrap();
+    let from_client = c
+        .sealer
+        .seal(&encode_body(&heartbeat("a", 1).body).unwrap())
+        .unwrap();
     write_frame(&mut b, &from_client).await.unwrap();
     let err = c.opener.recv(&mut a, "prod").await.unwrap_err();
     assert!(matches!(err, WireError::BadMac), "{err}");
     // ... and the server's frame back to the server.
-    let from_server = s.sealer.seal(&heartbeat("b", 1).encode().unwrap()).unwrap();
+    let from_server = s
+        .sealer
+        .seal(&encode_body(&heartbeat("b", 1).body).unwrap())
+        .unwrap();
     write_frame(&mut a, &from_server).await.unwrap();
     let err = s.opener.recv(&mut b, "prod").await.unwrap_err();
     assert!(matches!(err, WireError::BadMac), "{err}");
@@ -449,7 +488,7 @@ async fn a_frame_cannot_be_reflected_back_to_its_sender() {
 async fn an_unsealed_frame_is_refused_by_an_authenticated_session() {
     let (c, s, mut a, mut b) = handshake(id("a"), Some("k"), id("b"), Some("k")).await;
     let (_c, mut s) = (c.unwrap(), s.unwrap());
-    let plain = heartbeat("a", 1).encode().unwrap();
+    let plain = encode_body(&heartbeat("a", 1).body).unwrap();
     write_frame(&mut a, &plain).await.unwrap();
     assert!(matches!(
         s.opener.recv(&mut b, "prod").await,
@@ -458,14 +497,54 @@ async fn an_unsealed_frame_is_refused_by_an_authenticated_session() {
 }
 
 #[tokio::test]
-async fn session_messages_from_another_cluster_are_refused() {
+async fn session_messages_carry_no_cluster_name_and_json_is_refused_after_the_handshake() {
     let (c, s, mut a, mut b) = handshake(id("a"), None, id("b"), None).await;
     let (mut c, mut s) = (c.unwrap(), s.unwrap());
+    // The handshake settled the cluster: a message sent in another cluster's envelope arrives
+    // in ours (the binary form has no cluster name to disagree with).
     let foreign = Envelope::new("staging", Message::Leave(Leave { origin: "a".into() }));
     c.sealer.send(&mut a, &foreign).await.unwrap();
-    match s.opener.recv(&mut b, "prod").await {
-        Err(WireError::WrongCluster { ours, theirs }) => {
-            assert_eq!((ours.as_str(), theirs.as_str()), ("prod", "staging"))
+    let got = s.opener.recv(&mut b, "prod").await.unwrap();
+    assert_eq!(
+        got,
+        Envelope::new("prod", Message::Leave(Leave { origin: "a".into() }))
+    );
+    // A protocol-2 session frame (a JSON envelope) is malformed under protocol 3.
+    let json = Envelope::new("prod", Message::Leave(Leave { origin: "a".into() }))
+        .encode()
+        .unwrap();
+    write_frame(&mut a, &c.sealer.seal(&json).unwrap())
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.opener.recv(&mut b, "prod").await,
+        Err(WireError::Malformed(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_protocol_2_peer_is_refused_with_its_version() {
+    let (mut a, mut b) = tokio::io::duplex(MAX_FRAME);
+    let old_hello = br#"{"magic":1330004785,"protocol":2,"cluster":"prod","body":{"type":"hello","magic":1330004785,"protocol":2,"cluster":"prod","version":"0.1.0","card":{"node_id":"a","advertised_addr":"a:7800"}}}"#;
+    a.write_all(&encode_frame(old_hello).unwrap())
+        .await
+        .unwrap();
+    let s = accept(&mut b, &id("b"), None).await;
+    assert!(
+        matches!(
+            s,
+            Err(HandshakeError::Wire(WireError::UnsupportedProtocol {
+                got: 2
+            }))
+        ),
+        "{s:?}"
+    );
+    // And it is told why.
+    let reply = read_frame(&mut a, MAX_FRAME).await.unwrap();
+    match Envelope::decode(&reply, "prod").unwrap().body {
+        Message::Reject(r) => {
+            assert_eq!(r.reason, RejectReason::Protocol);
+            assert!(r.message.contains("version 2"), "{}", r.message);
         }
         other => panic!("{other:?}"),
     }

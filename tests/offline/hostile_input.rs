@@ -502,8 +502,8 @@ fn nested_and_huge_envelopes_are_typed_errors() {
         r#"{"magic":4294967296,"protocol":2,"cluster":"prod"}"#,
         r#"{"magic":1330004785,"protocol":65536,"cluster":"prod"}"#,
         r#"{"magic":1330004785,"protocol":-1,"cluster":"prod"}"#,
-        r#"{"magic":1330004785,"protocol":2,"cluster":"prod","body":{"type":"heartbeat","origin":"a","seq":18446744073709551616,"at_unix_ms":0}}"#,
-        r#"{"magic":1330004785,"protocol":2,"cluster":"\u0000","body":{"type":"leave","origin":"\ud800"}}"#,
+        r#"{"magic":1330004785,"protocol":3,"cluster":"prod","body":{"type":"heartbeat","origin":"a","seq":18446744073709551616,"at_unix_ms":0}}"#,
+        r#"{"magic":1330004785,"protocol":3,"cluster":"\u0000","body":{"type":"leave","origin":"\ud800"}}"#,
     ] {
         assert!(
             matches!(

@@ -12,6 +12,7 @@ mod cluster_wire;
 mod deploy;
 mod domain_parse;
 mod footprint;
+mod fuzz_seeds;
 mod hostile_input;
 mod readme;
 mod router;

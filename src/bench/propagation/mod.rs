@@ -7,6 +7,7 @@
 //! end), catch-up (at a fixed interval), and as baselines the same invalidation over Redis
 //! pub/sub and a raw TCP message between two tasks (the floor).
 
+mod cpu;
 mod probes;
 mod receipts;
 
@@ -22,6 +23,7 @@ use crate::node::Put;
 use probes::{put, RedisProbe, TcpProbe};
 use receipts::drain;
 
+pub use cpu::{PeerCpu, BASELINE_RECEIVER_US, BASELINE_SENDER_US};
 pub use receipts::{await_all, hook, unhook};
 
 /// Nodes in the propagation clusters.
@@ -141,6 +143,9 @@ pub struct PropagationReport {
     pub catchup_interval_ms: u64,
     /// Every channel.
     pub channels: Vec<ChannelResult>,
+    /// The CPU cost of one peer invalidation (`None` when the receiver could not run as its own
+    /// process).
+    pub cpu: Option<PeerCpu>,
 }
 
 impl PropagationReport {
@@ -405,6 +410,9 @@ pub async fn run(h: &Harness) -> BenchResult<PropagationReport> {
     ));
     unhook(f);
     fleet.stop().await;
+
+    bar.set_message("peer message CPU");
+    let cpu = cpu::run(h, h.sizes.peer_cpu_messages).await?;
     bar.finish_and_clear();
 
     let (fp50, fp99) = channels.first().map_or((f64::NAN, f64::NAN), |c| {
@@ -419,6 +427,7 @@ pub async fn run(h: &Harness) -> BenchResult<PropagationReport> {
         gap_ms: GAP.as_secs_f64() * 1e3,
         catchup_interval_ms: interval,
         channels,
+        cpu,
     })
 }
 

@@ -214,6 +214,20 @@ fn propagation_md(p: &PropagationReport) -> String {
             );
         }
     }
+    if let Some(c) = &p.cpu {
+        let _ = writeln!(
+            s,
+            "\nCPU per peer invalidation ({} invalidations from one node to {} peers, one at a \
+             time; the receiver a node process of its own): sender {} per peer (thread CPU inside \
+             the broadcast), receiver {} including the apply (the process's CPU, less {} per \
+             second idle).",
+            c.messages,
+            c.peers,
+            fmt_us(c.sender_per_peer_us),
+            fmt_us(c.receiver_us),
+            fmt_us(c.receiver_idle_us_per_s)
+        );
+    }
     s.push_str("\n![propagation latency](propagation.svg)\n\n");
     s
 }

@@ -2,15 +2,16 @@
 //! the peer sends.
 //!
 //! With a cluster secret every frame payload is one Noise transport message (ChaCha20-Poly1305
-//! under the keys of the handshake, see [`super`]): the plaintext envelope and a 16-byte tag. The
+//! under the keys of the handshake, see [`super`]): the plaintext message and a 16-byte tag. The
 //! AEAD nonce is the frame's position in its direction (0, 1, 2, ...), never sent: a frame that is
 //! forged, altered, replayed, reordered, dropped before another, reflected back to its sender or
 //! taken from another session fails the one tag check ([`WireError::BadMac`]). The two directions
 //! have their own keys, so the sealer (writer task) and the opener (reader task) share only the
 //! immutable key schedule.
 //!
-//! Without a secret, frames are the plain envelope JSON; the API is the same, so callers do not
-//! branch.
+//! Without a secret, frames are the plain message bytes; the API is the same, so callers do not
+//! branch. (The payload is JSON during the handshake and the binary form of
+//! [`encode_body`] after it.)
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use snow::StatelessTransportState;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::super::wire::{
-    read_frame, write_frame, Envelope, WireError, FRAME_HEADER_LEN, MAX_FRAME,
+    decode_body, encode_body, read_frame, write_frame, Envelope, WireError, FRAME_HEADER_LEN,
+    MAX_FRAME,
 };
 
 /// Bytes a sealed frame adds to the envelope: the ChaCha20-Poly1305 tag.
@@ -109,15 +111,28 @@ impl Sealer {
     /// [`Sealer::seal`] makes, in one buffer, ready to write. Fails like [`Sealer::seal`].
     pub fn seal_frame(&mut self, json: &[u8]) -> Result<Vec<u8>, WireError> {
         let mut out = Vec::with_capacity(FRAME_HEADER_LEN + SEAL_OVERHEAD + json.len());
+        self.seal_frame_into(json, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the whole frame [`Sealer::seal_frame`] makes to `out`, so that one buffer can
+    /// carry several frames (one write for a batch) and be reused (no allocation per frame). On
+    /// failure `out` is as it was and no nonce is used.
+    pub fn seal_frame_into(&mut self, body: &[u8], out: &mut Vec<u8>) -> Result<(), WireError> {
+        let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
-        self.seal_into(json, &mut out)?;
+        if let Err(e) = self.seal_into(body, out) {
+            out.truncate(start);
+            return Err(e);
+        }
+        let n = out.len() - start - FRAME_HEADER_LEN;
         // `seal_into` refused anything over MAX_FRAME, so the length fits a u32.
-        let len = u32::try_from(out.len() - FRAME_HEADER_LEN).map_err(|_| WireError::TooLarge {
-            len: out.len() - FRAME_HEADER_LEN,
+        let len = u32::try_from(n).map_err(|_| WireError::TooLarge {
+            len: n,
             max: MAX_FRAME,
         })?;
-        out[..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-        Ok(out)
+        out[start..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        Ok(())
     }
 
     /// Appends the payload [`Sealer::seal`] makes to `out`; on failure `out` is as it was and no
@@ -162,13 +177,15 @@ impl Sealer {
         }
     }
 
-    /// Encodes, seals and writes `envelope` as one frame.
+    /// Encodes (in the binary form of the session, [`encode_body`]: the envelope's cluster name
+    /// was settled by the handshake and is not sent), seals and writes `envelope`'s message as one
+    /// frame.
     pub async fn send<W: AsyncWrite + Unpin>(
         &mut self,
         w: &mut W,
         envelope: &Envelope,
     ) -> Result<(), WireError> {
-        let frame = self.seal(&envelope.encode()?)?;
+        let frame = self.seal(&encode_body(&envelope.body)?)?;
         write_frame(w, &frame).await
     }
 }
@@ -239,13 +256,14 @@ impl Opener {
         Ok(&self.plain[..n])
     }
 
-    /// Reads one frame, opens it and decodes the envelope for cluster `cluster`.
+    /// Reads one frame, opens it and decodes the session message ([`decode_body`]), returned in
+    /// an envelope of cluster `cluster` (the session's, settled by the handshake).
     pub async fn recv<R: AsyncRead + Unpin>(
         &mut self,
         r: &mut R,
         cluster: &str,
     ) -> Result<Envelope, WireError> {
         let frame = read_frame(r, MAX_FRAME).await?;
-        Envelope::decode(self.open(&frame)?, cluster)
+        Ok(Envelope::new(cluster, decode_body(self.open(&frame)?)?))
     }
 }

@@ -13,7 +13,7 @@ use super::{identity, record_refusal, Ctx, HANDSHAKE_TIMEOUT};
 use crate::cluster::broadcast::Shared;
 use crate::cluster::membership::SeqCheck;
 use crate::cluster::session::{self, Opener, Peer};
-use crate::cluster::wire::{Envelope, FrameReader, Message, RejectReason, WireError, MAX_FRAME};
+use crate::cluster::wire::{decode_body, FrameReader, Message, RejectReason, WireError, MAX_FRAME};
 
 /// Handshakes running at once; more connections are closed at once, so a flood of connection
 /// attempts costs a file descriptor briefly and never starves established peers.
@@ -254,8 +254,7 @@ async fn receive(
         };
         last = tokio::time::Instant::now();
         let now = last.into_std();
-        let env = Envelope::decode(opener.open(&frame)?, &s.config.name)?;
-        match env.body {
+        match decode_body(opener.open(&frame)?)? {
             Message::Invalidate(inv) if inv.origin == peer.node_id => {
                 let check = {
                     let mut st = s.lock();

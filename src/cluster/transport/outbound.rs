@@ -13,7 +13,7 @@ use crate::cluster::broadcast::{Link, Shared};
 use crate::cluster::discovery::Addrs;
 use crate::cluster::pipe::{Job, Pipe};
 use crate::cluster::session;
-use crate::cluster::wire::{Envelope, Heartbeat, Leave, Message, RejectReason, WireError};
+use crate::cluster::wire::{encode_body, Heartbeat, Leave, Message, RejectReason, WireError};
 
 /// Limit on the TCP connect to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -274,7 +274,7 @@ impl Writer {
                 return Ok(());
             }
             match self.pipe.next_job()? {
-                Some(Job::Frame(frame)) => self.write(&frame).await?,
+                Some(Job::Frames { bytes, messages }) => self.write(&bytes, messages).await?,
                 Some(Job::Leave) => return self.leave().await,
                 None => {
                     tokio::select! {
@@ -288,20 +288,19 @@ impl Writer {
         }
     }
 
-    async fn write(&self, frame: &[u8]) -> std::result::Result<(), WireError> {
-        self.pipe.write_all(frame, self.s.timing.gone_after).await?;
-        self.s.lock().members.sent(&self.peer, 1);
+    async fn write(&self, frames: &[u8], messages: u64) -> std::result::Result<(), WireError> {
+        self.pipe
+            .write_all(frames, self.s.timing.gone_after)
+            .await?;
+        self.s.lock().members.sent(&self.peer, messages);
         Ok(())
     }
 
     /// Seals a message built with the sequence heartbeats report, behind everything sealed so
     /// far, and writes it.
     async fn send(&self, body: impl FnOnce(u64) -> Message) -> std::result::Result<(), WireError> {
-        let name = &self.s.config.name;
-        let frame = self
-            .pipe
-            .seal_with_seq(|seq| Envelope::new(name.clone(), body(seq)).encode())?;
-        self.write(&frame).await
+        let frame = self.pipe.seal_with_seq(|seq| encode_body(&body(seq)))?;
+        self.write(&frame, 1).await
     }
 
     async fn heartbeat(&self) -> std::result::Result<(), WireError> {

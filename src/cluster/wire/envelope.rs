@@ -186,7 +186,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["magic"], 0x4F46_4331);
-        assert_eq!(v["protocol"], 2);
+        assert_eq!(v["protocol"], PROTOCOL);
         assert_eq!(v["body"]["type"], "hello");
         assert_eq!(v["body"]["noise"], "07".repeat(48));
         let v = serde_json::to_value(invalidate()).unwrap();
@@ -246,8 +246,8 @@ mod tests {
             &b"not json"[..],
             b"{}",
             b"[1,2,3]",
-            br#"{"magic":1330004785,"protocol":2,"cluster":"prod"}"#,
-            br#"{"magic":1330004785,"protocol":2,"cluster":"prod","body":{"type":"nope"}}"#,
+            br#"{"magic":1330004785,"protocol":3,"cluster":"prod"}"#,
+            br#"{"magic":1330004785,"protocol":3,"cluster":"prod","body":{"type":"nope"}}"#,
             &unknown_field,
             &short_nonce,
         ] {
