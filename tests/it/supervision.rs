@@ -288,7 +288,9 @@ async fn the_notifier_is_restarted_after_a_panic_and_own_writes_notify_again() {
     assert!(serves(&b, "n1", "v2").await, "a's write was not announced");
     // The notifier counts a batch after its statement returns, which can be after b was told.
     assert!(
-        wait_for(5, || a.node.invalidation_report().deferred_notify.sent > sent).await,
+        wait_for(5, || a.node.invalidation_report().deferred_notify.sent
+            > sent)
+        .await,
         "the restarted notifier did not count what it sent"
     );
     a.stop().await;
