@@ -270,6 +270,28 @@ const LOAD_ENV: [(&str, &str); 2] = [
 /// Settle time after the load stops, before the final check.
 const SETTLE: Duration = Duration::from_secs(2);
 
+/// After a load test: settle, then every key on every node equals the database, no failed write
+/// or stale read was counted, the load did real work, and no node died.
+async fn settle_and_check(s: &Scenario, load: &Load, what: &str) {
+    tokio::time::sleep(SETTLE).await;
+    let diffs = load.final_check(s, &[0, 1, 2]).await;
+    assert!(
+        diffs.is_empty(),
+        "{what}: nodes differ from the database:\n  {}\nlogs in {}",
+        diffs.join("\n  "),
+        s.dir.display()
+    );
+    load.assert_clean(what);
+    assert!(load.writes.load(std::sync::atomic::Ordering::Relaxed) > 20);
+    println!(
+        "{what}: {} writes, {} reads, slowest convergence {:?}",
+        load.writes.load(std::sync::atomic::Ordering::Relaxed),
+        load.reads.load(std::sync::atomic::Ordering::Relaxed),
+        load.max_converge.lock().unwrap()
+    );
+    s.assert_healthy();
+}
+
 #[test]
 fn partition_under_load() {
     block_on(async {
@@ -301,23 +323,7 @@ fn partition_under_load() {
             load.reader(&s, 2),
             control
         );
-        tokio::time::sleep(SETTLE).await;
-        let diffs = load.final_check(&s, &[0, 1, 2]).await;
-        assert!(
-            diffs.is_empty(),
-            "partition: after the heal, nodes differ from the database:\n  {}\nlogs in {}",
-            diffs.join("\n  "),
-            s.dir.display()
-        );
-        load.assert_clean("partition");
-        assert!(load.writes.load(std::sync::atomic::Ordering::Relaxed) > 20);
-        println!(
-            "partition: {} writes, {} reads, slowest convergence {:?}",
-            load.writes.load(std::sync::atomic::Ordering::Relaxed),
-            load.reads.load(std::sync::atomic::Ordering::Relaxed),
-            load.max_converge.lock().unwrap()
-        );
-        s.assert_healthy();
+        settle_and_check(&s, &load, "partition").await;
     });
 }
 
@@ -348,16 +354,7 @@ fn rolling_restart_under_load() {
             load.reader(&s, 2),
             control
         );
-        tokio::time::sleep(SETTLE).await;
-        let diffs = load.final_check(&s, &[0, 1, 2]).await;
-        assert!(
-            diffs.is_empty(),
-            "rolling restart: nodes differ from the database:\n  {}\nlogs in {}",
-            diffs.join("\n  "),
-            s.dir.display()
-        );
-        load.assert_clean("rolling restart");
-        assert!(load.writes.load(std::sync::atomic::Ordering::Relaxed) > 20);
+        settle_and_check(&s, &load, "rolling restart").await;
         for (i, n) in s.nodes.iter().enumerate() {
             assert_eq!(
                 n.starts.load(std::sync::atomic::Ordering::SeqCst),
@@ -365,12 +362,5 @@ fn rolling_restart_under_load() {
                 "node {i} was not restarted"
             );
         }
-        println!(
-            "rolling restart: {} writes, {} reads, slowest convergence {:?}",
-            load.writes.load(std::sync::atomic::Ordering::Relaxed),
-            load.reads.load(std::sync::atomic::Ordering::Relaxed),
-            load.max_converge.lock().unwrap()
-        );
-        s.assert_healthy();
     });
 }
