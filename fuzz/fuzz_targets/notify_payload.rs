@@ -1,4 +1,5 @@
-//! NOTIFY payloads: `catchup::parse_payload` and the change a parsed row stands for.
+//! NOTIFY payloads (one row's object or a packed array): `parse_payload` and the change each
+//! parsed row stands for.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -6,11 +7,13 @@ use openfhir_cache::invalidation::{parse_payload, Notification};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    if let Ok(Notification::Row(row)) = parse_payload(&text) {
-        assert!(matches!(
-            row.operation.as_str(),
-            "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE"
-        ));
-        let _ = row.change();
+    for n in parse_payload(&text).unwrap_or_default() {
+        if let Notification::Row(row) = n {
+            assert!(matches!(
+                row.operation.as_str(),
+                "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE" | "EVICT"
+            ));
+            let _ = row.change();
+        }
     }
 });

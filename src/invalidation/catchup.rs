@@ -88,13 +88,23 @@ impl Invalidation {
     pub(crate) async fn on_notification(&self, payload: &str) {
         self.stats.notifications.fetch_add(1, Ordering::Relaxed);
         match parse_payload(payload) {
-            Ok(Notification::Row(row)) => {
-                self.deliver(&row, Channel::Notify).await;
-            }
-            Ok(Notification::ReadLog(position)) => {
-                tracing::debug!(position, "notification without key: catching up");
-                if let Err(e) = self.step().await {
-                    tracing::warn!(error = %e, "catch-up after a truncated notification failed");
+            Ok(rows) => {
+                // A truncated row cannot be applied from the payload: one catch-up step reads
+                // it (and anything else new) from the log, after the complete rows are applied.
+                let mut read_log = None;
+                for n in rows {
+                    match n {
+                        Notification::Row(row) => {
+                            self.deliver(&row, Channel::Notify).await;
+                        }
+                        Notification::ReadLog(position) => read_log = Some(position),
+                    }
+                }
+                if let Some(position) = read_log {
+                    tracing::debug!(position, "notification without key: catching up");
+                    if let Err(e) = self.step().await {
+                        tracing::warn!(error = %e, "catch-up after a truncated notification failed");
+                    }
                 }
             }
             Err(reason) => {

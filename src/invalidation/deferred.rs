@@ -9,10 +9,11 @@
 //! same transaction, but sends no notification. After COMMIT the write path hands the transaction
 //! id to [`DeferredNotify::push`], and a background task ([`DeferredNotify::run`]) sends the
 //! notifications of every pending transaction in one statement
-//! (`openfhir_notify_transactions`, `sql/0003_specialised_triggers.sql`), built from the log rows
-//! themselves, so listeners get exactly the payload the trigger would have sent (position, xid,
-//! origin). That statement writes nothing, so its commit does not wait for a WAL flush and holds
-//! the lock only briefly.
+//! (`openfhir_notify_transactions`, `sql/0009_packed_notify.sql`), built from the log rows
+//! themselves, so listeners get exactly the payloads the trigger would have sent (position, xid,
+//! origin), packed as many to one notification as fit. That statement writes no WAL before its
+//! commit record, so PostgreSQL commits it without waiting for a flush and it holds the
+//! notification lock only briefly.
 //!
 //! Nothing is lost if a deferred notification is never sent (the node dies between COMMIT and the
 //! send, the database is unreachable for that moment, the queue is full): the log row is committed
@@ -68,7 +69,7 @@ pub struct DeferredNotify {
 pub struct DeferredNotifyReport {
     /// True while this node's writes defer their notification to the node.
     pub enabled: bool,
-    /// Notifications sent (one per log row).
+    /// Log rows announced (several to one notification).
     pub sent: u64,
     /// Statements that sent them (each announces every transaction pending at that moment).
     pub batches: u64,

@@ -72,16 +72,34 @@ pub enum Notification {
     ReadLog(i64),
 }
 
-/// Parses a NOTIFY payload; the error names what is wrong with it.
-pub fn parse_payload(payload: &str) -> std::result::Result<Notification, String> {
+/// Parses a NOTIFY payload: one row's object (as the trigger sends it) or an array of them (as a
+/// node's deferred notifications are packed, schema version 9), in log order. The error names
+/// what is wrong; one bad element refuses the whole payload, so the caller catches up instead.
+pub fn parse_payload(payload: &str) -> std::result::Result<Vec<Notification>, String> {
     if payload.len() > 8000 {
         return Err(format!(
             "payload of {} bytes exceeds NOTIFY's 8000-byte limit",
             payload.len()
         ));
     }
+    if payload.trim_start().starts_with('[') {
+        let all: Vec<Payload> = serde_json::from_str(payload)
+            .map_err(|e| format!("not an array of invalidation payloads: {e}"))?;
+        if all.is_empty() {
+            return Err("an empty array of invalidation payloads".into());
+        }
+        return all
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| notification(p).map_err(|e| format!("element {i}: {e}")))
+            .collect();
+    }
     let p: Payload =
         serde_json::from_str(payload).map_err(|e| format!("not an invalidation payload: {e}"))?;
+    Ok(vec![notification(p)?])
+}
+
+fn notification(p: Payload) -> std::result::Result<Notification, String> {
     let xid =
         p.x.parse::<u64>()
             .map_err(|_| format!("xid {:?} is not a transaction id", p.x))?;
@@ -139,7 +157,7 @@ mod tests {
     fn payloads() {
         let ok =
             r#"{"p":7,"x":"812","g":"opt","t":"default","k":"growth_chart","o":"UPDATE","n":null}"#;
-        let Notification::Row(r) = parse_payload(ok).unwrap() else {
+        let [Notification::Row(r)] = &parse_payload(ok).unwrap()[..] else {
             panic!()
         };
         assert_eq!(
@@ -147,12 +165,21 @@ mod tests {
             (7, 812, Some("growth_chart"), None)
         );
         let stamped = r#"{"p":7,"x":"812","g":"opt","o":"UPDATE","c":1765000000123}"#;
-        let Notification::Row(r) = parse_payload(stamped).unwrap() else {
+        let [Notification::Row(r)] = &parse_payload(stamped).unwrap()[..] else {
             panic!()
         };
         assert_eq!(r.created_unix_ms, Some(1_765_000_000_123));
         let cut = r#"{"p":8,"x":"813","g":"opt","o":"UPDATE","truncated":true}"#;
-        assert_eq!(parse_payload(cut).unwrap(), Notification::ReadLog(8));
+        assert_eq!(parse_payload(cut).unwrap(), vec![Notification::ReadLog(8)]);
+        // A packed payload: its rows in order, a truncated one among them.
+        let packed = format!("[{ok},{cut}, {stamped}]");
+        let rows = parse_payload(&packed).unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(
+            matches!(&rows[0], Notification::Row(r) if r.key.as_deref() == Some("growth_chart"))
+        );
+        assert_eq!(rows[1], Notification::ReadLog(8));
+        assert!(matches!(&rows[2], Notification::Row(r) if r.created_unix_ms.is_some()));
         for bad in [
             "",
             "{",
@@ -162,6 +189,9 @@ mod tests {
             r#"{"p":1,"x":"1","g":"opt","o":"MERGE"}"#,
             r#"{"p":1,"x":"1","g":"opt","o":"UPDATE","zz":1}"#,
             r#"{"p":1,"x":"1","g":"opt","o":"UPDATE","c":-5}"#,
+            "[1]",
+            r#"[{"p":1,"x":"1","g":"opt","o":"UPDATE"},{"p":2,"x":"1","g":"opt","o":"MERGE"}]"#,
+            r#"[{"p":1,"x":"1","g":"opt","o":"UPDATE"}"#,
         ] {
             assert!(parse_payload(bad).is_err(), "{bad}");
         }

@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_unlogged_log.sql",
         sql: include_str!("../../sql/0008_unlogged_log.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_packed_notify.sql",
+        sql: include_str!("../../sql/0009_packed_notify.sql"),
+    },
 ];
 
 /// The first schema version whose triggers leave NOTIFY to a node that sets

@@ -107,8 +107,8 @@ fn keys(rows: &[Logged]) -> Vec<(&str, Option<&str>, Option<&str>, &str)> {
 }
 
 fn row_of(payload: &str) -> openfhir_cache::invalidation::LogRow {
-    match parse_payload(payload) {
-        Ok(Notification::Row(r)) => r,
+    match parse_payload(payload).as_deref() {
+        Ok([Notification::Row(r)]) => r.clone(),
         other => panic!("{payload}: {other:?}"),
     }
 }
@@ -467,4 +467,70 @@ async fn a_database_at_version_2_upgrades() {
     // A node starts on it.
     let app = spawn_url(&db.url, &[]).await;
     assert_eq!(app.put_opt("t1", &opt_xml("t1", "v1")).await, 200);
+}
+
+/// A node's deferred notifications go out packed (schema version 9): the rows of many
+/// transactions in as few notifications as fit in 7,900 bytes, every row once and in log order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_notifications_are_packed_in_log_order() {
+    let app = spawn_app().await;
+    let (_l, mut rx) = listen(&app.db_url).await;
+    let sql = app.sql().await;
+    let before = head(&sql).await;
+    // 60 transactions that defer, each writing one OPT with a long template id (so their payloads
+    // need more than one notification).
+    let mut xids = Vec::new();
+    for i in 0..60 {
+        let id = format!("packed_{i:02}_{}", "x".repeat(120));
+        let xid: String = sql
+            .query_one(
+                "WITH w AS (INSERT INTO opt (tenant, template_id, original_template_id, content) \
+                 SELECT 'default', $1, $1, 'c' FROM (SELECT set_config('openfhir.notify', 'deferred', true)) s \
+                 RETURNING 1) SELECT pg_current_xact_id()::text FROM w",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        xids.push(xid);
+    }
+    assert!(drain(&mut rx, Duration::from_millis(300)).await.is_empty());
+    let logged = log_after(&sql, before).await;
+    assert_eq!(logged.len(), 60);
+
+    let n: i64 = sql
+        .query_one(
+            "SELECT openfhir_notify_transactions($1::text[]::xid8[])",
+            &[&xids],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 60);
+
+    let got = drain(&mut rx, Duration::from_millis(500)).await;
+    assert!(
+        (2..60).contains(&got.len()),
+        "60 rows of about 250 bytes need a few notifications, not {}",
+        got.len()
+    );
+    let mut positions = Vec::new();
+    for p in &got {
+        assert!(
+            p.starts_with('[') && p.len() <= 7900,
+            "{} bytes: {p:.80}",
+            p.len()
+        );
+        for n in parse_payload(p).unwrap() {
+            let Notification::Row(r) = n else {
+                panic!("{p}")
+            };
+            positions.push((r.position, r.xid.to_string(), r.key));
+        }
+    }
+    let want: Vec<_> = logged
+        .iter()
+        .map(|l| (l.0, l.1.clone(), l.4.clone()))
+        .collect();
+    assert_eq!(positions, want, "every row once, in log order");
 }

@@ -537,12 +537,47 @@ proptest! {
     fn mutated_payloads_give_rows_or_errors(edits in edits()) {
         let s = apply_str(PAYLOAD, &edits);
         match parse_payload(&s) {
-            Ok(Notification::Row(row)) => {
-                prop_assert!(matches!(row.operation.as_str(), "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE"));
-                let _ = row.change();
+            Ok(rows) => {
+                prop_assert!(!rows.is_empty());
+                for n in rows {
+                    if let Notification::Row(row) = n {
+                        prop_assert!(matches!(row.operation.as_str(), "INSERT" | "UPDATE" | "DELETE" | "TRUNCATE"));
+                        let _ = row.change();
+                    }
+                }
             }
-            Ok(Notification::ReadLog(_)) => {}
             Err(e) => prop_assert!(!e.is_empty()),
+        }
+    }
+
+    /// A packed payload (a node's deferred notifications, schema version 9) gives back each of
+    /// its rows, in order; one bad element refuses the whole payload.
+    #[test]
+    fn packed_payloads_give_every_row_in_order(
+        keys in proptest::collection::vec("[a-z0-9_.-]{1,20}", 1..40),
+        bad in proptest::option::of(0usize..40),
+    ) {
+        let bad = bad.filter(|&i| i < keys.len());
+        let elements: Vec<String> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let o = if Some(i) == bad { "MERGE" } else { "UPDATE" };
+                serde_json::json!({"p": i, "x": (1000 + i).to_string(), "g": "opt", "t": "default", "k": k, "o": o}).to_string()
+            })
+            .collect();
+        let s = format!("[{}]", elements.join(","));
+        match (parse_payload(&s), bad) {
+            (Ok(rows), None) => {
+                prop_assert_eq!(rows.len(), keys.len());
+                for (i, (n, k)) in rows.iter().zip(&keys).enumerate() {
+                    let Notification::Row(row) = n else { panic!("{n:?}") };
+                    prop_assert_eq!(row.position, i as i64);
+                    prop_assert_eq!(row.key.as_deref(), Some(k.as_str()));
+                }
+            }
+            (Err(e), Some(i)) => prop_assert!(e.contains(&format!("element {i}")), "{}", e),
+            (other, bad) => prop_assert!(false, "{other:?} with bad element {bad:?}"),
         }
     }
 
@@ -560,14 +595,15 @@ proptest! {
         let v = serde_json::json!({"x": x, "g": g, "t": t, "k": k, "o": o, "truncated": truncated});
         let mut s = serde_json::to_string(&v).unwrap();
         s.insert_str(1, &format!("\"p\":{p},"));
-        match parse_payload(&s) {
-            Ok(Notification::Row(row)) => {
+        match parse_payload(&s).as_deref() {
+            Ok([Notification::Row(row)]) => {
                 prop_assert_eq!(x.parse::<u64>(), Ok(row.xid));
                 prop_assert_eq!(&row.operation, &o);
                 prop_assert!(!truncated);
                 let _ = row.change();
             }
-            Ok(Notification::ReadLog(pos)) => prop_assert!(truncated && p.parse::<i64>() == Ok(pos)),
+            Ok([Notification::ReadLog(pos)]) => prop_assert!(truncated && p.parse::<i64>() == Ok(*pos)),
+            Ok(more) => prop_assert!(false, "one object gave {} notifications", more.len()),
             Err(_) => {}
         }
     }

@@ -204,7 +204,7 @@ impl Snapshot {
             ("openfhir_invalidation_listener_reconnects_total", "Listener reconnections.", inv.listener_reconnects),
             ("openfhir_invalidation_pruned_rows_total", "Log rows pruned by this node.", inv.pruned_rows),
             ("openfhir_invalidation_own_writes_total", "Invalidations of this node's own writes (already applied by its write path).", inv.own_writes),
-            ("openfhir_invalidation_deferred_notifications_total", "NOTIFY of this node's own writes sent after COMMIT (one per log row).", inv.deferred_notify.sent),
+            ("openfhir_invalidation_deferred_notifications_total", "Log rows of this node's own writes announced by NOTIFY after COMMIT (several to one notification).", inv.deferred_notify.sent),
             ("openfhir_invalidation_deferred_notify_failures_total", "Own writes whose NOTIFY could not be sent (peer channel and catch-up cover them).", inv.deferred_notify.failed + inv.deferred_notify.dropped),
         ];
         for (name, help, v) in counters {
