@@ -108,6 +108,9 @@ pub struct BenchOptions {
 pub struct Sizes {
     /// Measuring time of one read-path cell (artifact, mode, path, concurrency).
     pub read_cell: Duration,
+    /// Fewest reads per reading task of one read-path cell (a slow cell runs longer than
+    /// `read_cell`, up to 10x).
+    pub read_cell_ops_per_task: u64,
     /// Cold-start concurrencies K.
     pub cold_ks: Vec<usize>,
     /// Cold-start trials per K.
@@ -145,7 +148,8 @@ impl Sizes {
     pub fn new(quick: bool) -> Sizes {
         if quick {
             Sizes {
-                read_cell: Duration::from_millis(120),
+                read_cell: Duration::from_millis(300),
+                read_cell_ops_per_task: 40,
                 cold_ks: vec![1, 8, 64],
                 cold_trials: 2,
                 prop_writes: 300,
@@ -165,6 +169,7 @@ impl Sizes {
         } else {
             Sizes {
                 read_cell: Duration::from_millis(1500),
+                read_cell_ops_per_task: 100,
                 cold_ks: vec![1, 8, 64, 256],
                 cold_trials: 5,
                 prop_writes: 2000,

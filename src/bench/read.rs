@@ -153,8 +153,11 @@ pub struct ReadRatio {
 /// The read-path results.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReadReport {
-    /// Seconds each cell measured (after a warm-up of a tenth of that).
+    /// Least seconds each cell measured (after a warm-up of a tenth of that).
     pub cell_secs: f64,
+    /// Fewest reads per reading task each cell measured (a slow cell runs past `cell_secs` to
+    /// reach them, up to ten times as long).
+    pub cell_ops_per_task: u64,
     /// Every cell.
     pub cells: Vec<ReadCell>,
     /// The comparisons.
@@ -170,12 +173,36 @@ impl ReadReport {
     }
 }
 
-/// Runs `op` from `concurrency` tasks for `measure` (after `warmup`), recording each call's
-/// latency. Returns the latencies, the number of calls and the seconds taken.
+/// How long a cell measures: at least `time` and at least `ops` calls in all, but never longer
+/// than `cap`. A time alone is not enough: a slow cell (TTL 0 at concurrency 64) would hold a
+/// few calls per task, most of them paying for the tasks' start, and its figure would be noise;
+/// a floor of calls per task gives every cell a comparable sample.
+#[derive(Debug, Clone, Copy)]
+pub struct Extent {
+    /// The least time measured.
+    pub time: Duration,
+    /// The fewest calls measured, over all tasks.
+    pub ops: u64,
+    /// The longest a cell may take, whatever it has counted.
+    pub cap: Duration,
+}
+
+impl Extent {
+    /// A tenth of this extent, for the warm-up.
+    fn warmup(self) -> Extent {
+        Extent {
+            time: self.time / 10,
+            ops: self.ops / 10,
+            cap: self.cap / 10,
+        }
+    }
+}
+
+/// Runs `op` from `concurrency` tasks for `measure` (after a warm-up of a tenth of it), recording
+/// each call's latency. Returns the latencies, the number of calls and the seconds taken.
 pub async fn drive<F, Fut>(
     concurrency: usize,
-    warmup: Duration,
-    measure: Duration,
+    measure: Extent,
     op: F,
 ) -> BenchResult<(Recorder, u64, f64)>
 where
@@ -183,13 +210,13 @@ where
     Fut: Future<Output = BenchResult<()>> + Send + 'static,
 {
     let op = Arc::new(op);
-    phase(concurrency, warmup, op.clone()).await?;
+    phase(concurrency, measure.warmup(), op.clone()).await?;
     phase(concurrency, measure, op).await
 }
 
 async fn phase<F, Fut>(
     concurrency: usize,
-    d: Duration,
+    extent: Extent,
     op: Arc<F>,
 ) -> BenchResult<(Recorder, u64, f64)>
 where
@@ -197,19 +224,24 @@ where
     Fut: Future<Output = BenchResult<()>> + Send + 'static,
 {
     let start = Instant::now();
-    let deadline = start + d;
+    let deadline = start + extent.time;
+    let cap = start + extent.cap.max(extent.time);
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
             let op = op.clone();
+            let done = done.clone();
             tokio::spawn(async move {
                 let mut r = Recorder::new();
                 let mut n = 0u64;
                 loop {
                     let t = Instant::now();
-                    if t >= deadline && n > 0 {
+                    let enough = done.load(std::sync::atomic::Ordering::Relaxed) >= extent.ops;
+                    if n > 0 && ((t >= deadline && enough) || t >= cap) {
                         break;
                     }
                     op().await?;
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     r.record(t.elapsed());
                     n += 1;
                     // A cached read never waits, so without this one task would run its whole
@@ -233,8 +265,11 @@ pub async fn run(h: &Harness) -> BenchResult<ReadReport> {
     let client = reqwest::Client::builder()
         .build()
         .map_err(|e| BenchError::Setup(format!("HTTP client: {e}")))?;
-    let measure = h.sizes.read_cell;
-    let warmup = measure / 10;
+    let extent = |c: usize| Extent {
+        time: h.sizes.read_cell,
+        ops: h.sizes.read_cell_ops_per_task * c as u64,
+        cap: h.sizes.read_cell * 10,
+    };
     let total = Artifact::ALL.len() * 2 * CONCURRENCY.len() * 2;
     let bar = h.progress.bar("read", total as u64);
     let mut cells = Vec::with_capacity(total);
@@ -257,7 +292,7 @@ pub async fn run(h: &Harness) -> BenchResult<ReadReport> {
                         .map_err(node_err("read a seeded artifact"))?;
                     let (rec, ops, secs) = match path {
                         Path::Api => {
-                            drive(c, warmup, measure, move || {
+                            drive(c, extent(c), move || {
                                 let node = node.clone();
                                 let tenant = tenant.clone();
                                 async move {
@@ -271,7 +306,7 @@ pub async fn run(h: &Harness) -> BenchResult<ReadReport> {
                         Path::Http => {
                             let base = t.fleet().base(0);
                             let client = client.clone();
-                            drive(c, warmup, measure, move || {
+                            drive(c, extent(c), move || {
                                 let client = client.clone();
                                 let base = base.clone();
                                 let tenant = tenant.clone();
@@ -298,7 +333,8 @@ pub async fn run(h: &Harness) -> BenchResult<ReadReport> {
     cached.stop().await;
     uncached.stop().await;
     let mut report = ReadReport {
-        cell_secs: measure.as_secs_f64(),
+        cell_secs: h.sizes.read_cell.as_secs_f64(),
+        cell_ops_per_task: h.sizes.read_cell_ops_per_task,
         cells,
         ratios: Vec::new(),
     };
