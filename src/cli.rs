@@ -49,7 +49,7 @@ pub enum Command {
 #[cfg(feature = "bench")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// The short run (about a minute) instead of the full one (under ten minutes).
+    /// The short run (about three minutes) instead of the full one (under ten minutes).
     #[arg(long)]
     pub quick: bool,
 

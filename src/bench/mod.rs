@@ -89,7 +89,7 @@ impl Scenario {
 /// What to run and where.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
-    /// The short run (about a minute) instead of the full one (a few minutes).
+    /// The short run (about three minutes) instead of the full one (under ten minutes).
     pub quick: bool,
     /// Scenarios to run; empty means all.
     pub scenarios: Vec<Scenario>,
